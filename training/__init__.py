@@ -1,0 +1,1 @@
+"""Training side: data, samplers, losses, trainer, metrics, export, Hub, model card, CLI."""
