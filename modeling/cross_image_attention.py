@@ -1,0 +1,190 @@
+"""The training-only cross-image-attention head: a hierarchy of conditional embeddings (DESIGN §1).
+
+For every ordered pair (i, j) of a batch, the embedding of image i conditioned on image j is refined level by level:
+the other image's current conditional embedding asks, through cross-attention, which of image i's feature-map tokens
+matter for this comparison. The per-level pair similarity ``S^l[i, j] = cos(z^l_{i|j}, z^l_{j|i})`` is what the loss
+sees; its gradient reaches the feature map through attention rather than through pooling.
+
+Cost (why the code is shaped this way): keys and values are projected once per image (B·T·C·d), and only the
+B² pair queries go through attention and the MLP (B²·T·d + B²·d²). Tokens are never copied B² times before a
+projection; level 1's queries are per image, since z⁰ does not depend on the partner yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class CrossImageAttentionOutput:
+    """The head's result for one batch.
+
+    Attributes:
+        similarities: one B×B matrix per level, ``S^l[i, j] = cos(z^l_{i|j}, z^l_{j|i})`` (symmetric; the diagonal,
+            an image compared with itself, is set to 1 and ignored by pair losses).
+        attentions: when asked for, one B×B×heads×T tensor per level: how much the query of pair (i, j) attends to
+            each of image i's tokens.
+    """
+
+    similarities: tuple[torch.Tensor, ...]
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class CrossAttentionLevel(nn.Module):
+    """One level: ``z <- z + CrossAttn(query, keys = values = X_i)``, then ``z <- z + MLP(LN(z))`` (pre-LN)."""
+
+    def __init__(self, token_dim: int, width: int, num_heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = width // num_heads
+        self.query_norm = nn.LayerNorm(width)
+        self.token_norm = nn.LayerNorm(token_dim)
+        self.query = nn.Linear(width, width)
+        self.key_value = nn.Linear(token_dim, 2 * width)
+        self.out = nn.Linear(width, width)
+        self.attention_dropout = nn.Dropout(dropout)
+        self.mlp_norm = nn.LayerNorm(width)
+        hidden = max(1, int(round(width * mlp_ratio)))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width), nn.Dropout(dropout)
+        )
+
+    def keys_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image keys and values, B×T×heads×head_dim each: computed once per image, shared by all its pairs."""
+        batch, num_tokens, _ = tokens.shape
+        kv = self.key_value(self.token_norm(tokens)).view(batch, num_tokens, 2, self.num_heads, self.head_dim)
+        return kv[:, :, 0], kv[:, :, 1]
+
+    def forward(
+        self,
+        state: torch.Tensor,
+        query_source: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        per_image_query_asker: str = "partner",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refine the pair states.
+
+        Args:
+            state: ``z^{l-1}_{i|j}``, B×B×d, or B×d when it does not depend on the partner j yet (level 0).
+            query_source: what asks image i for pair (i, j): B×B×d indexed [i, j], or B×d when it is per image (the
+                first level), indexed by the partner j (``per_image_query_asker="partner"``) or by i itself ("self").
+            keys, values: image i's tokens projected, B×T×heads×head_dim.
+
+        Returns:
+            ``z^l_{i|j}`` (B×B×d) and the attention weights (B×B×heads×T).
+        """
+        batch = keys.shape[0]
+        scale = self.head_dim**-0.5
+        query = self.query(self.query_norm(query_source))
+        if query.dim() == 2 and per_image_query_asker == "partner":  # q[j] asks image i, for all pairs (i, j)
+            query = query.view(batch, self.num_heads, self.head_dim)
+            logits = torch.einsum("jhc,ithc->ijht", query * scale, keys)
+        elif query.dim() == 2:  # q[i] asks image i: the same for every partner j
+            query = query.view(batch, self.num_heads, self.head_dim)
+            logits = torch.einsum("ihc,ithc->iht", query * scale, keys)[:, None].expand(-1, batch, -1, -1)
+        else:
+            query = query.view(batch, batch, self.num_heads, self.head_dim)
+            logits = torch.einsum("ijhc,ithc->ijht", query * scale, keys)
+        if token_mask is not None:
+            logits = logits.masked_fill(~token_mask[:, None, None, :], float("-inf"))
+        weights = logits.softmax(dim=-1)
+        attended = torch.einsum("ijht,ithc->ijhc", self.attention_dropout(weights), values)
+        attended = self.out(attended.reshape(batch, batch, -1))
+        if state.dim() == 2:
+            state = state[:, None, :]  # z⁰_{i|j} = z⁰_i for every partner j
+        state = state + attended
+        state = state + self.mlp(self.mlp_norm(state))
+        return state, weights
+
+
+class CrossImageAttentionHead(nn.Module):
+    """Hierarchy of conditional embeddings over a batch, used only while training (never exported).
+
+    Args:
+        embedding_dim: D, the size of the unconditional embedding ``e_i`` that seeds level 0.
+        token_dim: C, the channel size of the backbone tokens ``X_i``.
+        width: d, the head width.
+        num_levels: L >= 1.
+        num_heads: attention heads per level.
+        mlp_ratio: MLP hidden width as a multiple of d.
+        dropout: dropout on attention weights and in the MLP.
+        query: ``"other"`` (``z^{l-1}_{j|i}`` asks image i) or ``"self"`` (``z^{l-1}_{i|j}`` asks it).
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        token_dim: int,
+        width: int = 128,
+        num_levels: int = 2,
+        num_heads: int = 4,
+        mlp_ratio: float = 2.0,
+        dropout: float = 0.0,
+        query: str = "other",
+    ) -> None:
+        super().__init__()
+        if num_levels < 1:
+            raise ValueError(f"CrossImageAttentionHead needs num_levels >= 1, got {num_levels}; use no head for 0.")
+        if query not in ("other", "self"):
+            raise ValueError(f"CrossImageAttentionHead query={query!r} must be 'other' or 'self'.")
+        self.query_mode = query
+        self.seed = nn.Linear(embedding_dim, width)  # P: z⁰_{i|j} = P(e_i)
+        self.levels = nn.ModuleList(
+            CrossAttentionLevel(token_dim, width, num_heads, mlp_ratio, dropout) for _ in range(num_levels)
+        )
+
+    def reset_parameters(self) -> None:
+        """Explicit initialisation (``from_pretrained`` leaves unloaded weights uninitialised; DESIGN §2)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        tokens: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> CrossImageAttentionOutput:
+        """Conditional similarities of every ordered pair of the batch.
+
+        Args:
+            embeddings: the unconditional embeddings ``e``, B×D.
+            tokens: the backbone tokens ``X``, B×T×C.
+            token_mask: optional B×T boolean mask of valid tokens.
+            output_attentions: also return the B×B×heads×T attention weights of every level.
+        """
+        if embeddings.shape[0] != tokens.shape[0]:
+            raise ValueError(f"embeddings ({embeddings.shape[0]}) and tokens ({tokens.shape[0]}) differ in batch size.")
+        state: torch.Tensor = self.seed(embeddings)  # B×d: level 0 does not depend on the partner
+        similarities: list[torch.Tensor] = []
+        attentions: list[torch.Tensor] = []
+        eye = torch.eye(embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
+        for level in self.levels:
+            keys, values = level.keys_values(tokens)
+            if self.query_mode == "other" and state.dim() == 3:
+                query_source = state.transpose(0, 1)  # pair (i, j) is asked by z_{j|i}
+            else:
+                query_source = state  # B×d per image at the first level, or z_{i|j} itself in "self" mode
+            asker = "partner" if self.query_mode == "other" else "self"
+            state, weights = level(state, query_source, keys, values, token_mask, per_image_query_asker=asker)
+            similarities.append(pair_cosine(state).masked_fill(eye, 1.0))
+            if output_attentions:
+                attentions.append(weights)
+        return CrossImageAttentionOutput(tuple(similarities), tuple(attentions) if output_attentions else None)
+
+
+def pair_cosine(state: torch.Tensor) -> torch.Tensor:
+    """``S[i, j] = cos(z_{i|j}, z_{j|i})`` for a B×B×d tensor of pair states."""
+    normed = F.normalize(state, dim=-1)
+    return (normed * normed.transpose(0, 1)).sum(dim=-1)

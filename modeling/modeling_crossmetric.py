@@ -1,0 +1,264 @@
+"""The crossmetric embedder (what is exported) and its training wrapper with the cross-image-attention head.
+
+Modelled on transformers' ``timm_wrapper``: a timm backbone built with ``pretrained=False`` and filled from
+safetensors on load, ModelOutput dataclasses, and an ``_init_weights`` that keeps timm's own initialisation.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_crossmetric import CrossMetricConfig
+from .cross_image_attention import CrossImageAttentionHead
+from .image_processing_crossmetric import build_image_processor
+from .multi_similarity import multi_similarity_loss
+
+
+@dataclass
+class CrossMetricModelOutput(ModelOutput):
+    """Output of :class:`CrossMetricModel`.
+
+    Attributes:
+        last_hidden_state: the backbone tokens X, B×T×C (a CNN map flattened H·W, or a ViT's patch tokens without
+            its prefix tokens).
+        pooler_output: the L2-normalised embedding, B×D (what retrieval uses).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+
+
+@dataclass
+class CrossMetricForMetricLearningOutput(ModelOutput):
+    """Output of :class:`CrossMetricForMetricLearning`.
+
+    Attributes:
+        loss: with labels, multi-similarity on the unconditional similarities plus lambda · Σ_l w_l · multi-similarity
+            on each level's conditional similarities.
+        embeddings: the unconditional L2-normalised embeddings, B×D.
+        conditional_similarities: one B×B matrix per head level (empty when the head is off).
+        last_hidden_state: the backbone tokens, B×T×C.
+        attentions: with ``output_attentions``, one B×B×heads×T tensor per level.
+    """
+
+    loss: torch.FloatTensor | None = None
+    embeddings: torch.FloatTensor | None = None
+    conditional_similarities: tuple[torch.FloatTensor, ...] | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class CrossMetricPreTrainedModel(PreTrainedModel):
+    """Shared loading behaviour: safetensors only, and timm's own initialisation kept."""
+
+    config_class = CrossMetricConfig
+    base_model_prefix = "embedder"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise only what is not timm's: the embedding layer and the head. Reset timm's non-persistent buffers,
+        which ``from_pretrained`` leaves as uninitialised memory (DESIGN §2)."""
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
+        if isinstance(module, CrossMetricModel):
+            nn.init.trunc_normal_(module.embedding.weight, std=0.02)
+            nn.init.zeros_(module.embedding.bias)
+        elif isinstance(module, CrossImageAttentionHead):
+            module.reset_parameters()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """Load weights from safetensors only. Pickle checkpoints (``pytorch_model.bin``) can run code when loaded;
+        they are refused unless ``use_safetensors=False`` is passed explicitly."""
+        kwargs.setdefault("use_safetensors", True)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except OSError as error:
+            folder = Path(str(pretrained_model_name_or_path))
+            if kwargs["use_safetensors"] and folder.is_dir() and any(folder.glob("*.bin")):
+                raise OSError(
+                    f"{folder} holds pickle weights (*.bin) but no model.safetensors. crossmetric loads only "
+                    "safetensors, "
+                    "because unpickling a file can run arbitrary code. If you trust this file, pass "
+                    "use_safetensors=False to load it anyway, then save_pretrained() to convert it."
+                ) from error
+            raise
+
+
+class CrossMetricModel(CrossMetricPreTrainedModel):
+    """The embedder: timm backbone → tokens → pooling → linear → L2 normalisation.
+
+    This is what ``from_pretrained`` returns for an exported model and what the ``image-feature-extraction``
+    pipeline runs (``pool=True`` gives ``pooler_output``, the embedding). It has no cross-attention parameters: the
+    head is used only in training.
+    """
+
+    def __init__(self, config: CrossMetricConfig) -> None:
+        super().__init__(config)
+        self.backbone = _create_backbone(config)
+        self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
+        self.token_dim = int(self.backbone.num_features)
+        self.embedding = nn.Linear(self.token_dim, config.embedding_dim)
+        self.post_init()
+
+    def forward_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Backbone tokens B×T×C and, for ViTs, the first prefix (CLS) token B×C."""
+        features = self.backbone.forward_features(pixel_values)
+        if features.dim() == 4:  # CNN: B×C×H×W (timm's NCHW convention)
+            if self.config.pooling == "cls":
+                raise ValueError(f"pooling='cls' needs a ViT backbone; {self.config.backbone} is a CNN: use 'avg'.")
+            return features.flatten(2).transpose(1, 2), None
+        if features.dim() != 3:
+            raise ValueError(f"Backbone {self.config.backbone} gave features of shape {tuple(features.shape)}.")
+        cls_token = features[:, 0] if self.num_prefix_tokens > 0 else None
+        return features[:, self.num_prefix_tokens :], cls_token
+
+    def pool(self, tokens: torch.Tensor, cls_token: torch.Tensor | None) -> torch.Tensor:
+        """Pool B×T×C tokens into B×C according to ``config.pooling``."""
+        pooling = self.config.pooling
+        if pooling in ("avg", "mean"):
+            return tokens.mean(dim=1)
+        if pooling == "gem":
+            p = self.config.gem_p
+            return tokens.float().clamp(min=1e-6).pow(p).mean(dim=1).pow(1.0 / p).to(tokens.dtype)
+        if pooling == "max+avg":
+            return tokens.amax(dim=1) + tokens.mean(dim=1)
+        if cls_token is None:
+            raise ValueError(f"pooling='cls' needs a backbone with a CLS token; {self.config.backbone} has none.")
+        return cls_token
+
+    def forward(
+        self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs: Any
+    ) -> CrossMetricModelOutput | tuple[torch.Tensor, torch.Tensor]:
+        """Embed a batch of preprocessed images (B×3×H×W)."""
+        tokens, cls_token = self.forward_tokens(pixel_values)
+        embedding = F.normalize(self.embedding(self.pool(tokens, cls_token)), dim=-1)
+        if return_dict is False:
+            return tokens, embedding
+        return CrossMetricModelOutput(last_hidden_state=tokens, pooler_output=embedding)
+
+
+class CrossMetricForMetricLearning(CrossMetricPreTrainedModel):
+    """The embedder plus the training-only cross-image-attention head (``config.cia_levels`` levels; none for 0).
+
+    Training checkpoints hold all of it; :meth:`save_embedder` exports the embedder alone.
+    """
+
+    def __init__(self, config: CrossMetricConfig) -> None:
+        super().__init__(config)
+        self.embedder = CrossMetricModel(config)
+        self.head = (
+            CrossImageAttentionHead(
+                embedding_dim=config.embedding_dim,
+                token_dim=self.embedder.token_dim,
+                width=config.cia_dim,
+                num_levels=config.cia_levels,
+                num_heads=config.cia_heads,
+                mlp_ratio=config.cia_mlp_ratio,
+                dropout=config.cia_dropout,
+                query=config.cia_query,
+            )
+            if config.cia_levels > 0
+            else None
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CrossMetricForMetricLearningOutput:
+        """Unconditional embeddings, per-level conditional similarities and, with labels, the CIA loss."""
+        tokens, embeddings = self.embedder(pixel_values, return_dict=False)
+        similarities: tuple[torch.Tensor, ...] = ()
+        attentions = None
+        if self.head is not None:
+            head_output = self.head(embeddings, tokens, output_attentions=output_attentions)
+            similarities, attentions = head_output.similarities, head_output.attentions
+        loss = None
+        if labels is not None:
+            loss = multi_similarity_loss(embeddings @ embeddings.T, labels)
+            for weight, level_similarities in zip(self.config.level_weights, similarities):
+                loss = loss + self.config.cia_loss_weight * weight * multi_similarity_loss(level_similarities, labels)
+        return CrossMetricForMetricLearningOutput(
+            loss=loss,
+            embeddings=embeddings,
+            conditional_similarities=similarities,
+            last_hidden_state=tokens,
+            attentions=attentions,
+        )
+
+    def save_embedder(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
+        """Export the embedder alone (no head weights) with its image processor and remote code, atomically.
+
+        Writes ``model.safetensors``, ``config.json`` (``architectures: ["CrossMetricModel"]``, an ``auto_map`` for
+        ``trust_remote_code``) and ``preprocessor_config.json`` into a temporary sibling folder, then swaps it in, so
+        an interrupted export leaves the previous one readable and unchanged.
+        """
+        return save_embedder(self.embedder, save_directory, **kwargs)
+
+
+def save_embedder(embedder: CrossMetricModel, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
+    """Export ``embedder`` to ``save_directory`` atomically (see :meth:`CrossMetricForMetricLearning.save_embedder`)."""
+    target = Path(save_directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    original_config = embedder.config
+    try:
+        embedder.config = copy.deepcopy(original_config)
+        embedder.config.architectures = ["CrossMetricModel"]
+        CrossMetricConfig.register_for_auto_class()
+        CrossMetricModel.register_for_auto_class("AutoModel")
+        embedder.save_pretrained(staging, safe_serialization=True, **kwargs)
+        build_image_processor(embedder.config).save_pretrained(staging)
+        _replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        embedder.config = original_config
+    return target
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Swap ``staging`` into ``target``: the old folder is moved aside first and removed only after the swap."""
+    backup = None
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(target, backup)
+    os.replace(staging, target)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _create_backbone(config: CrossMetricConfig) -> nn.Module:
+    """The timm backbone without classifier or pooling, built with ``pretrained=False`` (weights come on load)."""
+    name = config.backbone
+    if not name.startswith("hf-hub:") and not timm.is_model(name):
+        raise ValueError(
+            f"CrossMetricConfig.backbone={name!r} is not a timm model. Pick one of timm.list_models(), e.g. "
+            "'tf_efficientnet_lite0', 'resnet50', 'vit_small_patch16_224' (or 'test_resnet' for tests)."
+        )
+    kwargs = dict(config.backbone_kwargs)
+    kwargs.setdefault("num_classes", 0)
+    kwargs.setdefault("global_pool", "")
+    return timm.create_model(name, pretrained=False, **kwargs)
