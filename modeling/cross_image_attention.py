@@ -139,15 +139,12 @@ class CrossImageAttentionHead(nn.Module):
             CrossAttentionLevel(token_dim, width, num_heads, mlp_ratio, dropout) for _ in range(num_levels)
         )
 
+        mark_new_layers(self)
+
     def reset_parameters(self) -> None:
         """Explicit initialisation (``from_pretrained`` leaves unloaded weights uninitialised; DESIGN §2)."""
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+            init_new_layer(module)
 
     def forward(
         self,
@@ -182,6 +179,27 @@ class CrossImageAttentionHead(nn.Module):
             if output_attentions:
                 attentions.append(weights)
         return CrossImageAttentionOutput(tuple(similarities), tuple(attentions) if output_attentions else None)
+
+
+NEW_LAYER_FLAG = "_crossmetric_new_layer"
+
+
+def mark_new_layers(module: nn.Module) -> None:
+    """Flag the Linear and LayerNorm layers of ``module`` as ours (not timm's), for ``_init_weights``."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.LayerNorm)):
+            setattr(layer, NEW_LAYER_FLAG, True)
+
+
+def init_new_layer(layer: nn.Module) -> None:
+    """Initialise one Linear (truncated normal, std 0.02, zero bias) or LayerNorm (identity) layer."""
+    if isinstance(layer, nn.Linear):
+        nn.init.trunc_normal_(layer.weight, std=0.02)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+    elif isinstance(layer, nn.LayerNorm):
+        nn.init.ones_(layer.weight)
+        nn.init.zeros_(layer.bias)
 
 
 def pair_cosine(state: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_crossmetric import CrossMetricConfig
-from .cross_image_attention import CrossImageAttentionHead
+from .cross_image_attention import NEW_LAYER_FLAG, CrossImageAttentionHead, init_new_layer, mark_new_layers
 from .image_processing_crossmetric import build_image_processor
 from .multi_similarity import multi_similarity_loss
 
@@ -71,15 +71,16 @@ class CrossMetricPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Initialise only what is not timm's: the embedding layer and the head. Reset timm's non-persistent buffers,
-        which ``from_pretrained`` leaves as uninitialised memory (DESIGN §2)."""
+        """Initialise only our layers (embedding, head), flagged when built; timm's keep timm's own initialisation.
+
+        Called per module, leaves included (transformers 5 skips parameter-less containers of custom models), and
+        only for weights that ``from_pretrained`` did not load. Also resets timm's non-persistent buffers, which
+        loading leaves as uninitialised memory (DESIGN §2).
+        """
         if hasattr(module, "init_non_persistent_buffers"):
             module.init_non_persistent_buffers()
-        if isinstance(module, CrossMetricModel):
-            nn.init.trunc_normal_(module.embedding.weight, std=0.02)
-            nn.init.zeros_(module.embedding.bias)
-        elif isinstance(module, CrossImageAttentionHead):
-            module.reset_parameters()
+        if getattr(module, NEW_LAYER_FLAG, False):
+            init_new_layer(module)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
@@ -114,6 +115,7 @@ class CrossMetricModel(CrossMetricPreTrainedModel):
         self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
         self.token_dim = int(self.backbone.num_features)
         self.embedding = nn.Linear(self.token_dim, config.embedding_dim)
+        mark_new_layers(self.embedding)
         self.post_init()
 
     def forward_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
