@@ -190,9 +190,18 @@ def retrieval_metrics(
     _, codes = np.unique(y, return_inverse=True)
     r = np.bincount(codes)[codes] - 1
     out = _knn_metrics(
-        x, codes, x, codes, r, ks, leave_one_out=True, use_faiss=use_faiss,
-        batch_size=batch_size, memory_budget=memory_budget, progress=progress,
-    )  # fmt: skip
+        x,
+        codes,
+        x,
+        codes,
+        r,
+        ks,
+        leave_one_out=True,
+        use_faiss=use_faiss,
+        batch_size=batch_size,
+        memory_budget=memory_budget,
+        progress=progress,
+    )
     if nmi:
         out["nmi"] = cluster_nmi(x, codes, seed=seed, use_faiss=use_faiss)
     return out
@@ -230,9 +239,18 @@ def query_gallery_metrics(
     query_codes, gallery_codes = codes[: len(q)], codes[len(q) :]
     r = np.bincount(gallery_codes, minlength=codes.max() + 1)[query_codes]
     out = _knn_metrics(
-        q, query_codes, g, gallery_codes, r, ks, leave_one_out=False, use_faiss=use_faiss,
-        batch_size=batch_size, memory_budget=memory_budget, progress=progress,
-    )  # fmt: skip
+        q,
+        query_codes,
+        g,
+        gallery_codes,
+        r,
+        ks,
+        leave_one_out=False,
+        use_faiss=use_faiss,
+        batch_size=batch_size,
+        memory_budget=memory_budget,
+        progress=progress,
+    )
     if nmi:
         out["nmi"] = cluster_nmi(q, query_codes, seed=seed, use_faiss=use_faiss)
     return out

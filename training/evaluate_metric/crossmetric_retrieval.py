@@ -18,6 +18,7 @@ from __future__ import annotations
 import datasets
 import evaluate
 import numpy as np
+
 from crossmetric.training.metrics import query_gallery_metrics, retrieval_metrics
 
 _DESCRIPTION = """
