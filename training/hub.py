@@ -1,0 +1,230 @@
+"""Share an exported model folder on the Hugging Face Hub (``crossmetric push``).
+
+:func:`push_to_hub_folder` checks its inputs before any network call, then goes through
+``huggingface_hub.HfApi``: ``create_repo(exist_ok=True)``, ``create_branch`` when a branch other than
+``main`` is named, and ``upload_folder`` (one commit, optionally as a pull request). The endpoint
+comes from the argument, else ``HF_ENDPOINT``; the token from the argument, else ``HF_TOKEN`` or the
+``hf auth login`` token file (``huggingface_hub.get_token``). The token is only handed to ``HfApi``,
+which sends it as the ``Authorization`` header: this module never prints, logs or writes it, and
+strips it from error messages just in case a server echoes it.
+
+Server and network failures (after ``huggingface_hub``'s own retries) become :class:`HubPushError`
+with the HTTP status; the local folder is only read, never changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path, PurePosixPath
+
+import httpx2
+from huggingface_hub import CommitInfo, HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COMMIT_MESSAGE = "Upload crossmetric model"
+# Characters git refuses in branch names (git check-ref-format), plus whitespace.
+_BAD_REF_CHARS = set(" \t\n\r~^:?*[\\\x7f")
+
+
+class HubPushError(RuntimeError):
+    """The Hub (or the network on the way) refused or broke a push; ``status`` is the HTTP status if any."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check_repo_id(repo_id: object) -> str:
+    """Return ``repo_id`` if it is ``namespace/name`` and safe to put in a URL, else raise ValueError.
+
+    On top of ``huggingface_hub.utils.validate_repo_id`` (characters, length, ``--``/``..``), the
+    namespace is required (an implicit one would depend on whose token is set) and NUL bytes,
+    absolute paths and ``..`` are named explicitly, since a repo id ends up in URL paths.
+    """
+    hint = "Use the form NAMESPACE/NAME, e.g. --repo-id my-user/crossmetric-cub200."
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(f"repo_id must be a non-empty string, got {repo_id!r}. {hint}")
+    if "\x00" in repo_id:
+        raise ValueError(f"repo_id {repo_id!r} contains a NUL byte. {hint}")
+    if repo_id.startswith(("/", "\\")) or PurePosixPath(repo_id).is_absolute() or ":" in repo_id:
+        raise ValueError(f"repo_id {repo_id!r} looks like a path, not a Hub repo id. {hint}")
+    if ".." in repo_id:
+        raise ValueError(f"repo_id {repo_id!r} contains '..'. {hint}")
+    namespace, _, name = repo_id.partition("/")
+    if not namespace or not name or "/" in name:
+        raise ValueError(f"repo_id {repo_id!r} must have exactly one '/' between namespace and name. {hint}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"repo_id {repo_id!r} is not a valid Hub repo id: {err} {hint}") from err
+    return repo_id
+
+
+def check_revision(revision: object) -> str | None:
+    """Return a branch name usable as ``revision`` (None means ``main``), else raise ValueError."""
+    if revision is None:
+        return None
+    hint = "Pass a branch name such as 'main' or 'experiment-1'."
+    if not isinstance(revision, str) or not revision.strip():
+        raise ValueError(f"revision must be a non-empty branch name, got {revision!r}. {hint}")
+    bad = sorted(_BAD_REF_CHARS & set(revision))
+    if (
+        bad
+        or "\x00" in revision
+        or ".." in revision
+        or "//" in revision
+        or revision.startswith(("/", "-", "."))
+        or revision.endswith(("/", ".", ".lock"))
+        or revision.startswith("refs/")
+    ):
+        raise ValueError(f"revision {revision!r} is not a valid branch name. {hint}")
+    return revision
+
+
+def _check_folder(folder: str | os.PathLike[str]) -> Path:
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"folder {str(path)!r} is not a directory: pass the folder an export wrote.")
+    if not any(p.is_file() for p in path.rglob("*") if ".git" not in p.relative_to(path).parts):
+        raise ValueError(f"folder {str(path)!r} holds no files to upload.")
+    return path
+
+
+def _redact(text: str, token: str) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def _status_of(err: BaseException) -> int | None:
+    """The HTTP status behind an exception (following ``__cause__``/``__context__``), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        response = getattr(current, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            return status
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def push_to_hub_folder(
+    folder: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> CommitInfo:
+    """Upload every file of ``folder`` to the model repo ``repo_id`` in one commit; return the commit.
+
+    The returned ``CommitInfo`` is a ``str`` (the commit URL) with ``.oid``, and ``.pr_url`` /
+    ``.pr_revision`` when ``create_pr`` opened a pull request (against ``main``). ``private`` applies
+    when the repo is created; an existing repo keeps its visibility. ``revision`` names a branch,
+    created from ``main`` if missing.
+
+    Raises:
+        ValueError: bad ``repo_id``, ``revision``, ``folder``, or ``create_pr`` with a branch.
+        HubPushError: no token, or the Hub / network failed (``.status`` holds the HTTP status).
+    """
+    check_repo_id(repo_id)
+    revision = check_revision(revision)
+    if create_pr and revision not in (None, constants.DEFAULT_REVISION):
+        raise ValueError(
+            f"create_pr=True opens a pull request against 'main'; drop revision={revision!r} or create_pr."
+        )
+    path = _check_folder(folder)
+    token = token or get_token()
+    if not token:
+        raise HubPushError("No Hugging Face token found: set HF_TOKEN or run `hf auth login`.")
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision not in (None, constants.DEFAULT_REVISION):
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            folder_path=path,
+            repo_id=repo_id,
+            repo_type="model",
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+        )
+    except (HfHubHTTPError, httpx2.HTTPError, RuntimeError, ValueError) as err:
+        status = _status_of(err)
+        what = f"HTTP {status}" if status is not None else type(err).__name__
+        raise HubPushError(
+            _redact(f"Pushing {str(path)!r} to {repo_id!r} at {endpoint} failed ({what}): {err}", token), status
+        ) from err
+    logger.info("Pushed %s to %s: %s", path, repo_id, commit.commit_url)
+    if commit.pr_url:
+        logger.info("Opened pull request %s", commit.pr_url)
+    return commit
+
+
+# The root package exports this module's entry point as `crossmetric.push_to_hub`.
+push_to_hub = push_to_hub_folder
+
+
+# -- command line -----------------------------------------------------------------------------------
+def add_push_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``crossmetric push`` options to ``parser``.
+
+    There is deliberately no ``--token`` option: a token on the command line ends up in shell history
+    and process listings. Use ``HF_TOKEN`` or ``hf auth login``.
+    """
+    parser.add_argument("--model", required=True, type=Path, help="exported model folder (holds config.json)")
+    parser.add_argument("--repo-id", required=True, help="Hub repo as NAMESPACE/NAME")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request against main")
+    parser.add_argument("--commit-message", default=None, help=f"default: {DEFAULT_COMMIT_MESSAGE!r}")
+    parser.add_argument("--endpoint", default=None, help="Hub URL (default: $HF_ENDPOINT or huggingface.co)")
+    return parser
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """Run ``crossmetric push`` from parsed arguments; print the commit (and PR) URL; return an exit code.
+
+    Exit codes: 0 pushed, 1 the Hub or network failed, 2 bad input.
+    """
+    try:
+        if not (Path(args.model) / "config.json").is_file():
+            raise ValueError(
+                f"--model {str(args.model)!r} has no config.json: pass a folder written by the model export."
+            )
+        commit = push_to_hub_folder(
+            args.model,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            create_pr=args.create_pr,
+            commit_message=args.commit_message,
+            endpoint=args.endpoint,
+        )
+    except ValueError as err:
+        print(f"crossmetric push: error: {err}", file=sys.stderr)
+        return 2
+    except HubPushError as err:
+        print(f"crossmetric push: error: {err}", file=sys.stderr)
+        return 1
+    print(commit.commit_url)
+    if commit.pr_url:
+        print(f"pull request: {commit.pr_url}")
+    return 0
+
+
+def push_command(argv: list[str] | None = None) -> int:
+    """``crossmetric push`` as a standalone entry point (parses ``argv``)."""
+    parser = add_push_arguments(argparse.ArgumentParser(prog="crossmetric push", description=__doc__))
+    return run_push(parser.parse_args(argv))
