@@ -218,8 +218,17 @@ class CrossMetricForMetricLearning(CrossMetricPreTrainedModel):
         return save_embedder(self.embedder, save_directory, **kwargs)
 
 
-def save_embedder(embedder: CrossMetricModel, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
-    """Export ``embedder`` to ``save_directory`` atomically (see :meth:`CrossMetricForMetricLearning.save_embedder`)."""
+def save_embedder(
+    embedder: CrossMetricModel,
+    save_directory: str | os.PathLike,
+    extra_files: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Export ``embedder`` to ``save_directory`` atomically (see :meth:`CrossMetricForMetricLearning.save_embedder`).
+
+    ``extra_files`` (name -> text, e.g. the model card ``README.md`` and ``metrics.json``) are written into the same
+    staging folder, so they appear together with the weights or not at all.
+    """
     target = Path(save_directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
@@ -231,6 +240,10 @@ def save_embedder(embedder: CrossMetricModel, save_directory: str | os.PathLike,
         CrossMetricModel.register_for_auto_class("AutoModel")
         embedder.save_pretrained(staging, safe_serialization=True, **kwargs)
         build_image_processor(embedder.config).save_pretrained(staging)
+        for name, text in (extra_files or {}).items():
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"extra file name {name!r} must be a plain file name inside the export folder.")
+            (staging / name).write_text(text, encoding="utf-8")
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

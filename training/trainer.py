@@ -1,0 +1,392 @@
+"""The Accelerate training loop: P×K batches, the cross-image-attention objective, evaluation, exact resume.
+
+Under ``accelerate launch`` with several processes the base loss sees the embeddings of all processes (all-gather
+with gradients) while the head's pairs stay within each process's batch (DESIGN §1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning
+from .checkpointing import complete_checkpoints, read_state, resolve_checkpoint, write_checkpoint
+from .config import TrainingConfig, write_text_atomic
+from .distributed import all_gather_labels, all_gather_with_gradient
+from .evaluation import evaluate_embedder
+from .sampler import ClassBalancedBatchSampler
+from .transforms import attach_transform, build_transform, collate_fn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingResult:
+    """What a finished run reports."""
+
+    run_directory: Path
+    global_step: int
+    metrics: dict[str, float]
+    best_metrics: dict[str, float] | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    export_directory: Path | None = None
+
+
+class CrossMetricTrainer:
+    """Train a :class:`CrossMetricForMetricLearning` on a class-disjoint DML dataset with Accelerate.
+
+    Args:
+        config: the run's :class:`TrainingConfig` (validated here, before any work).
+        dataset: an already loaded ``DatasetDict`` (train + eval split); by default ``config.dataset`` is loaded.
+        model: a model to train instead of one built from ``config``.
+    """
+
+    def __init__(self, config: TrainingConfig, dataset: Any = None, model: CrossMetricForMetricLearning | None = None):
+        config.validate()
+        self.config = config
+        self.run_directory = config.run_directory
+        _check_writable(self.run_directory)
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with=None if config.report_to == "none" else config.report_to,
+            project_dir=str(self.run_directory),
+        )
+        set_seed(config.seed)
+        self.dataset = dataset if dataset is not None else self._load_dataset()
+        self._check_dataset()
+        self.model = model if model is not None else self._build_model()
+        num_classes = self.dataset["train"].features["label"].num_classes
+        from .losses import build_objective
+
+        self.objective = build_objective(config, num_classes=num_classes, embedding_dim=self.model.config.embedding_dim)
+        self.sampler = ClassBalancedBatchSampler(
+            self.dataset["train"]["label"],
+            config.batch_size,
+            config.samples_per_class,
+            seed=config.seed,
+            num_replicas=self.accelerator.num_processes,
+            rank=self.accelerator.process_index,
+            small_classes=config.small_classes,
+            num_batches=config.steps_per_epoch * self.accelerator.num_processes if config.steps_per_epoch else None,
+        )
+        train_transform = build_transform(
+            self.model.config.preprocessing, train=True, hflip=config.hflip, scale=(config.scale_min, 1.0)
+        )
+        self.train_loader = DataLoader(
+            attach_transform(self.dataset["train"], train_transform),
+            batch_sampler=self.sampler,
+            collate_fn=collate_fn,
+            num_workers=config.num_workers,
+            generator=torch.Generator().manual_seed(config.seed),  # iterator creation must not draw global RNG
+        )
+        batches_per_epoch = len(self.sampler) // config.gradient_accumulation_steps
+        self.total_steps = config.max_steps if config.max_steps > 0 else batches_per_epoch * config.num_epochs
+        if config.freeze_batchnorm:
+            self._freeze_batchnorm_parameters()
+        self.optimizer = self._build_optimizer()
+        self.scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=min(config.warmup_steps, self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        if any(p.requires_grad for p in self.objective.parameters()):  # proxies: trained and checkpointed
+            self.model, self.objective, self.optimizer, self.scheduler = self.accelerator.prepare(
+                self.model, self.objective, self.optimizer, self.scheduler
+            )
+        else:  # parameter-free losses need no wrapping (DDP refuses modules without parameters)
+            self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
+                self.model, self.optimizer, self.scheduler
+            )
+            self.objective = self.objective.to(self.accelerator.device)
+        self.global_step = 0
+        self.epoch = 0
+        self.batches_done_in_epoch = 0
+        self.best_metrics: dict[str, float] | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------------------------------------- building
+    def _load_dataset(self) -> Any:
+        from .data import load_dml_dataset
+
+        c = self.config
+        return load_dml_dataset(
+            c.dataset,
+            data_dir=c.data_dir,
+            image_column=c.image_column,
+            label_column=c.label_column,
+            split_strategy=c.split_strategy,
+            seed=c.seed,
+            validation_fraction=c.validation_fraction,
+        )
+
+    def _check_dataset(self) -> None:
+        for split in ("train", self.config.eval_split):
+            if split not in self.dataset:
+                raise ValueError(
+                    f"The dataset has no {split!r} split (it has {list(self.dataset)}); "
+                    "set --eval_split to one of them."
+                )
+
+    def _build_model(self) -> CrossMetricForMetricLearning:
+        c = self.config
+        if c.model_name_or_path:
+            model_config = c.model_config()
+            return CrossMetricForMetricLearning.from_pretrained(c.model_name_or_path, **_head_overrides(model_config))
+        model = CrossMetricForMetricLearning(c.model_config())
+        if c.pretrained != "none":
+            from .pretrained import load_pretrained_backbone
+
+            load_pretrained_backbone(model, c.pretrained)
+        return model
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        groups = [
+            {"params": list(self.model.embedder.backbone.parameters()), "lr": c.backbone_learning_rate},
+            {"params": list(self.model.embedder.embedding.parameters()), "lr": c.learning_rate},
+        ]
+        if self.model.head is not None:
+            groups.append({"params": list(self.model.head.parameters()), "lr": c.head_learning_rate})
+        loss_parameters = list(self.objective.parameters())
+        if loss_parameters:
+            groups.append({"params": loss_parameters, "lr": c.loss_learning_rate, "weight_decay": 0.0})
+        groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
+        optimizer_class = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
+        return optimizer_class(groups, lr=c.learning_rate, weight_decay=c.weight_decay)
+
+    # ----------------------------------------------------------------------------------------------- training
+    def train(self) -> TrainingResult:
+        c, accelerator = self.config, self.accelerator
+        if c.resume_from_checkpoint:
+            self._resume(resolve_checkpoint(self.run_directory, c.resume_from_checkpoint))
+        if accelerator.is_main_process:
+            c.save_yaml(self.run_directory / "training_config.yaml")
+        if c.report_to != "none":
+            accelerator.init_trackers("crossmetric", config=_flat_config(c))
+        started = time.perf_counter()
+        num_epochs = c.num_epochs if c.max_steps <= 0 else math.ceil(self.total_steps / max(1, len(self.sampler)))
+        while self.epoch < num_epochs and self.global_step < self.total_steps:
+            self._train_epoch()
+            if self.batches_done_in_epoch >= len(self.sampler):  # a whole epoch, not a max_steps stop
+                self.epoch += 1
+                self.batches_done_in_epoch = 0
+            if self.global_step >= self.total_steps or self.epoch >= num_epochs:
+                break
+            if c.eval_every_epochs and self.epoch % c.eval_every_epochs == 0:
+                self._evaluate_and_track()
+            self._save_checkpoint()
+        train_seconds = time.perf_counter() - started
+        metrics = self._evaluate_and_track()
+        self._save_checkpoint()
+        accelerator.wait_for_everyone()
+        export_directory = None
+        if c.export and accelerator.is_main_process:
+            from .export import export_run
+
+            export_directory = export_run(self, metrics)
+        accelerator.wait_for_everyone()
+        if c.report_to != "none":
+            accelerator.end_training()
+        return TrainingResult(
+            self.run_directory, self.global_step, metrics, self.best_metrics, self.history, train_seconds,
+            export_directory,
+        )
+
+    def _train_epoch(self) -> None:
+        c, accelerator = self.config, self.accelerator
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.load_state_dict({**self.sampler.state_dict(), "position": self.batches_done_in_epoch})
+        self._set_train_mode()
+        bar = tqdm(
+            total=len(self.sampler),
+            initial=self.batches_done_in_epoch,
+            desc=f"epoch {self.epoch + 1}",
+            disable=not (c.progress and accelerator.is_local_main_process),
+            dynamic_ncols=True,
+        )
+        for batch in self.train_loader:
+            with accelerator.accumulate(self.model):
+                output = self._loss(batch)
+                accelerator.backward(output.loss)
+                if accelerator.sync_gradients and c.max_grad_norm:
+                    accelerator.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.batches_done_in_epoch += 1
+            bar.update(1)
+            if accelerator.sync_gradients:
+                self.global_step += 1
+                if self.global_step % c.logging_steps == 0 or self.global_step == 1:
+                    self._log_step(output)
+                    bar.set_postfix(loss=f"{output.loss.item():.4f}")
+                if c.save_steps and self.global_step % c.save_steps == 0:
+                    self._save_checkpoint()
+                if self.global_step >= self.total_steps:
+                    break
+        bar.close()
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> Any:
+        device = self.accelerator.device
+        pixel_values, labels = batch["pixel_values"].to(device), batch["labels"].to(device)
+        output = self.model(pixel_values)
+        embeddings = output.embeddings.float()
+        gathered = all_gather_with_gradient(embeddings)
+        gathered_labels = all_gather_labels(labels)
+        query_index = None
+        if gathered.shape[0] != embeddings.shape[0]:
+            offset = self.accelerator.process_index * embeddings.shape[0]
+            query_index = torch.arange(offset, offset + embeddings.shape[0], device=device)
+        similarities = tuple(s.float() for s in (output.conditional_similarities or ()))
+        return self.objective(
+            embeddings,
+            labels,
+            similarities,
+            gathered_embeddings=gathered if query_index is not None else None,
+            gathered_labels=gathered_labels if query_index is not None else None,
+            query_index=query_index,
+        )
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        self.objective.train()
+        if self.config.freeze_batchnorm:  # the standard R50 recipe: BatchNorm statistics stay fixed
+            for module in self.accelerator.unwrap_model(self.model).modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def _freeze_batchnorm_parameters(self) -> None:
+        """BatchNorm affine parameters are not trained (set before DDP wrapping, which must not see them)."""
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                for parameter in module.parameters():
+                    parameter.requires_grad_(False)
+
+    def _log_step(self, output: Any) -> None:
+        record = {
+            "step": self.global_step,
+            "epoch": round(self.epoch + self.batches_done_in_epoch / max(1, len(self.sampler)), 4),
+            "loss": float(output.loss.item()),
+            "base_loss": float(output.base_loss.item()),
+            "level_losses": [float(v.item()) for v in output.level_losses],
+            "learning_rates": [group["lr"] for group in self.optimizer.param_groups],
+        }
+        self._append_log(record)
+        if self.config.report_to != "none":
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=self.global_step)
+
+    def _append_log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.accelerator.is_main_process:
+            with open(self.run_directory / "log.jsonl", "a") as stream:
+                stream.write(json.dumps(record) + "\n")
+
+    # ----------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Retrieval metrics of the current embedder on the evaluation split (leave-one-out, unseen classes)."""
+        split = self.dataset[self.config.eval_split]
+        if self.config.max_eval_images and len(split) > self.config.max_eval_images:
+            split = split.select(range(self.config.max_eval_images))
+        embedder = self.accelerator.unwrap_model(self.model).embedder
+        return evaluate_embedder(
+            embedder,
+            split,
+            batch_size=self.config.eval_batch_size,
+            device=self.accelerator.device,
+            progress=self.config.progress and self.accelerator.is_local_main_process,
+            seed=self.config.seed,
+        )
+
+    def _evaluate_and_track(self) -> dict[str, float]:
+        metrics = self.evaluate() if self.accelerator.is_main_process else {}
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self._append_log({"step": self.global_step, "epoch": self.epoch, "eval": metrics})
+            if self.config.report_to != "none":
+                self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.global_step)
+            if self.best_metrics is None or metrics["recall@1"] > self.best_metrics["recall@1"]:
+                self.best_metrics = {**metrics, "step": self.global_step}
+                self.accelerator.unwrap_model(self.model).save_embedder(self.run_directory / "best")
+            logger.info("step %d: %s", self.global_step, metrics)
+        self._set_train_mode()
+        return metrics
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self) -> None:
+        state = {
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "batches_done_in_epoch": self.batches_done_in_epoch,
+            "best_metrics": self.best_metrics,
+            "history_length": len(self.history),
+            "num_processes": self.accelerator.num_processes,
+        }
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            write_checkpoint(
+                self.run_directory, self.global_step, self.accelerator.save_state, state, self.config.save_total_limit
+            )
+            self.config.save_yaml(self.run_directory / "checkpoints" / "training_config.yaml")
+        self.accelerator.wait_for_everyone()
+
+    def _resume(self, checkpoint: Path) -> None:
+        state = read_state(checkpoint)
+        if state["num_processes"] != self.accelerator.num_processes:
+            raise ValueError(
+                f"{checkpoint} was written by {state['num_processes']} processes; resume it with the same number "
+                f"(now {self.accelerator.num_processes}) so that the batch order continues exactly."
+            )
+        self.accelerator.load_state(str(checkpoint))
+        self.global_step = state["global_step"]
+        self.epoch = state["epoch"]
+        self.batches_done_in_epoch = state["batches_done_in_epoch"]
+        self.best_metrics = state["best_metrics"]
+        log = self.run_directory / "log.jsonl"
+        if log.exists():  # drop log lines written after the checkpoint, by the run that was interrupted
+            lines = log.read_text().splitlines()[: state["history_length"]]
+            self.history = [json.loads(line) for line in lines]
+            if self.accelerator.is_main_process:
+                write_text_atomic(log, "".join(line + "\n" for line in lines))
+        logger.info("Resumed from %s at step %d", checkpoint, self.global_step)
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        return complete_checkpoints(self.run_directory)
+
+
+def _head_overrides(model_config: Any) -> dict[str, Any]:
+    """Head fields of the training config that override those of a loaded crossmetric model."""
+    names = ("cia_levels", "cia_heads", "cia_dim", "cia_mlp_ratio", "cia_dropout", "cia_query", "cia_loss_weight")
+    return {name: getattr(model_config, name) for name in names}
+
+
+def _flat_config(config: TrainingConfig) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()}
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(
+            f"--output_dir: cannot write to {directory} ({error.strerror}); choose a writable --output_dir."
+        ) from error
