@@ -215,6 +215,9 @@ def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubS
     try:
         yield server
     finally:
+        from huggingface_hub.utils import close_session
+
+        close_session()  # drop the client's pooled keep-alive connections, so handler threads end too
         server.close()
 
 
