@@ -27,7 +27,12 @@ def embed_split(
     preprocessed as the model's evaluation transform (resize, centre crop)."""
     device = torch.device(device) if device is not None else next(embedder.parameters()).device
     transform = build_transform(embedder.config.preprocessing, train=False)
-    loader = DataLoader(attach_transform(split, transform), batch_size=batch_size, collate_fn=collate_fn)
+    loader = DataLoader(
+        attach_transform(split, transform),
+        batch_size=batch_size,
+        collate_fn=collate_fn,
+        generator=torch.Generator(),  # creating the iterator must not draw from the global RNG (exact resume)
+    )
     was_training = embedder.training
     embedder.eval()
     embeddings, labels = [], []

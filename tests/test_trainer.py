@@ -1,0 +1,150 @@
+"""Training end to end on a tiny image folder: logs, checkpoints, evaluation, export, exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _training_fixtures import TINY_RUN_ARGS, make_shapes_folder
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from crossmetric.training.config import TrainingConfig
+from crossmetric.training.trainer import CrossMetricTrainer
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return make_shapes_folder(tmp_path_factory.mktemp("data") / "shapes")
+
+
+def tiny_config(shapes: Path, output_dir: Path, **overrides) -> TrainingConfig:
+    values = dict(
+        dataset=str(shapes),
+        output_dir=str(output_dir),
+        run_name="run",
+        backbone="test_resnet",
+        pretrained="none",
+        image_size=32,
+        embedding_dim=16,
+        cia_dim=16,
+        cia_heads=2,
+        batch_size=8,
+        samples_per_class=2,
+        eval_batch_size=32,
+        warmup_steps=0,
+        progress=False,
+        split_strategy="sorted",
+        num_epochs=2,
+        logging_steps=1,
+    )
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def test_train_logs_checkpoints_evaluates_and_exports(shapes, tmp_path) -> None:
+    trainer = CrossMetricTrainer(tiny_config(shapes, tmp_path))
+    result = trainer.train()
+    run = tmp_path / "run"
+    assert result.global_step == 2 * len(trainer.sampler)
+    assert {"recall@1", "recall@8", "map@r", "r_precision", "nmi"} <= set(result.metrics)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    losses = [r for r in log if "loss" in r]
+    assert [r["step"] for r in losses] == list(range(1, result.global_step + 1))
+    assert all(len(r["level_losses"]) == 2 for r in losses)
+    assert [r for r in log if "eval" in r]
+    assert trainer.checkpoints and (trainer.checkpoints[-1] / "COMPLETE").exists()
+    export = result.export_directory
+    with safe_open(export / "model.safetensors", "pt") as weights:
+        assert not [k for k in weights.keys() if k.startswith("head.")]
+    assert json.loads((export / "metrics.json").read_text())["recall@1"] == pytest.approx(result.metrics["recall@1"])
+    card = (export / "README.md").read_text()
+    assert "pipeline_tag: image-feature-extraction" in card and "test_resnet" in card
+    assert (run / "best" / "model.safetensors").exists()
+    assert (run / "training_config.yaml").exists()
+
+
+def test_head_off_is_the_baseline_on_the_same_code_path(shapes, tmp_path) -> None:
+    result = CrossMetricTrainer(tiny_config(shapes, tmp_path, cia_levels=0, num_epochs=1, export=False)).train()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(r["level_losses"] == [] and r["loss"] == r["base_loss"] for r in log if "loss" in r)
+    assert result.export_directory is None
+
+
+def test_bad_configuration_is_refused_before_any_work(shapes, tmp_path) -> None:
+    with pytest.raises(ValueError, match="batch_size=10 is not P x K"):
+        CrossMetricTrainer(tiny_config(shapes, tmp_path, batch_size=10, samples_per_class=4))
+    with pytest.raises(ValueError, match="learning_rate"):
+        CrossMetricTrainer(tiny_config(shapes, tmp_path, learning_rate=0.0))
+    assert not (tmp_path / "run").exists()
+
+
+def _cli(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "crossmetric.training.cli", "train", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def _run(args: list[str]) -> str:
+    process = _cli(args)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights_as_an_uninterrupted_run(shapes, tmp_path) -> None:
+    common = [
+        *TINY_RUN_ARGS,
+        "--dataset",
+        str(shapes),
+        "--num_epochs",
+        "3",
+        "--save_steps",
+        "1",
+        "--run_name",
+        "run",
+        "--save_total_limit",
+        "20",
+        "--export",
+        "False",
+    ]
+    _run([*common, "--output_dir", str(tmp_path / "straight")])
+
+    interrupted = tmp_path / "interrupted"
+    process = _cli([*common, "--output_dir", str(interrupted)])
+    target = interrupted / "run" / "checkpoints" / "checkpoint-4"  # mid-epoch 2 (3 batches per epoch)
+    deadline = time.time() + 240
+    while not (target / "COMPLETE").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    output = _run([*common, "--output_dir", str(interrupted), "--resume_from_checkpoint", "latest"])
+    assert "zero-shot" not in output
+
+    def final_weights(root: Path) -> dict:
+        checkpoints = sorted(
+            (root / "run" / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
+        )
+        return load_file(checkpoints[-1] / "model.safetensors")
+
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(interrupted)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert (straight[key] == resumed[key]).all(), key
+    straight_log = (tmp_path / "straight" / "run" / "log.jsonl").read_text().splitlines()
+    resumed_log = (interrupted / "run" / "log.jsonl").read_text().splitlines()
+    strip = [json.loads(line) for line in straight_log], [json.loads(line) for line in resumed_log]
+    assert [r.get("loss") for r in strip[0]] == [r.get("loss") for r in strip[1]]
