@@ -129,9 +129,10 @@ def _knn_metrics(
     hits = dict.fromkeys(ks, 0)
     sum_ap = sum_rp = 0.0
     for rows, neighbours in iter_knn(
-        queries[valid],
+        queries,
         gallery,
         need,
+        subset=valid,
         self_ids=valid if leave_one_out else None,
         use_faiss=use_faiss,
         batch_size=batch_size,

@@ -131,6 +131,7 @@ def iter_knn(
     gallery: np.ndarray,
     need: np.ndarray,
     *,
+    subset: np.ndarray | None = None,
     self_ids: np.ndarray | None = None,
     use_faiss: bool | None = None,
     batch_size: int = 4096,
@@ -142,19 +143,21 @@ def iter_knn(
     Args:
         queries: (Q, D) float32, C-contiguous.
         gallery: (N, D) float32, C-contiguous.
-        need: (Q,) how many neighbours each query needs (1 <= need <= N, or N - 1 with ``self_ids``).
-        self_ids: for leave-one-out, the gallery index of each query, excluded from its neighbours.
+        need: how many neighbours each searched query needs (1 <= need <= N, or N - 1 with ``self_ids``).
+        subset: rows of ``queries`` to search (default: all); indexing per chunk avoids copying them.
+        self_ids: for leave-one-out, the gallery index of each searched query, excluded from its neighbours.
         use_faiss: faiss backend when True, torch when False, faiss if installed when None.
         batch_size: most queries per chunk (fewer when the memory budget asks for it).
         memory_budget: bytes a chunk may use for scores, candidates and masks.
         progress: show a tqdm bar over queries.
 
     Yields:
-        ``query_rows`` (C,) positions into ``queries`` and ``neighbours`` (C, k) gallery indices in
+        ``query_rows`` (C,) positions among the searched queries (``subset`` order) and ``neighbours``
+        (C, k) gallery indices in
         canonical order, where ``k = need[query_rows].max()``; every row holds at least its own ``need``.
     """
     faiss_backend = resolve_use_faiss(use_faiss)
-    n_queries, n_gallery = len(queries), len(gallery)
+    n_queries, n_gallery = (len(queries) if subset is None else len(subset)), len(gallery)
     available = n_gallery - (1 if self_ids is not None else 0)
     if len(need) != n_queries or (n_queries > 0 and not 1 <= int(need.min()) <= int(need.max()) <= available):
         raise ValueError(f"need must hold one value in [1, {available}] per query; got {need!r}.")
@@ -176,7 +179,7 @@ def iter_knn(
                     break
                 rows //= 2
             query_rows = order[start : start + rows]
-            chunk = queries[query_rows]
+            chunk = queries[query_rows if subset is None else subset[query_rows]]
             chunk_self = self_ids[query_rows] if self_ids is not None else None
             if faiss_backend:
                 neighbours = _faiss_chunk(chunk, gallery, gallery_t, k, chunk_self, redo_rows)
