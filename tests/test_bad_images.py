@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import struct
 import zlib
 from pathlib import Path
@@ -164,7 +165,7 @@ def make_dataset(tmp_path: Path) -> tuple[Dataset, list[str]]:
 
 def test_filter_unreadable_drops_bad_images(tmp_path):
     dataset, bad = make_dataset(tmp_path)
-    kept, report = filter_unreadable(dataset)
+    kept, report = filter_unreadable(dataset, num_proc=2)
     assert len(kept) == 18 and report.count == 3 and sorted(report.files) == sorted(bad)
     assert any("truncated" in reason for reason in report.reasons)  # caught despite draft-mode decoding
     assert kept.features == dataset.features
@@ -183,6 +184,11 @@ def test_lazy_transform_loader_and_clear_error_on_bad_image(tmp_path):
     batch = next(iter(loader))
     assert batch["pixel_values"].shape == (6, 3, 16, 16) and batch["pixel_values"].dtype == torch.float32
     assert batch["labels"].dtype == torch.long and sorted(torch.bincount(batch["labels"]).tolist())[-2:] == [3, 3]
+
+    workers = DataLoader(train, batch_sampler=sampler, collate_fn=collate_fn, num_workers=2)
+    assert [b["labels"].tolist() for b in workers] == [b["labels"].tolist() for b in loader]
+    # spawn/forkserver workers receive the dataset pickled, transform included
+    assert torch.equal(pickle.loads(pickle.dumps(train))[0]["pixel_values"], train[0]["pixel_values"])
 
     unfiltered = attach_transform(dataset, build_transform(PREPROCESSING, train=False))
     with pytest.raises(ValueError, match="bad_truncated.jpg.*filter_unreadable"):

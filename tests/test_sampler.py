@@ -97,12 +97,18 @@ def test_resume_mid_epoch_continues_with_the_next_batch():
     resumed.set_epoch(2)  # a trainer re-entering its epoch loop must not rewind
     rest = list(resumed)
     assert done + rest == full
-    assert resumed.state_dict()["position"] == 0  # the epoch is complete
-    resumed.set_epoch(3)
-    assert list(resumed) != full
+    assert list(resumed) == full  # a new iteration starts the epoch afresh
+    finished = resumed.state_dict()
+    assert finished["position"] == len(full)  # a checkpoint at the end of the epoch ...
+    restored = ClassBalancedBatchSampler(LABELS, batch_size=8, samples_per_class=2, seed=7)
+    restored.load_state_dict(finished)
+    assert list(restored) == []  # ... does not replay it
+    restored.set_epoch(3)
+    assert len(list(restored)) == len(full) and list(restored) != full
 
     # With workers the loader runs ahead of the loop: the consumed count is what to save.
     assert first.state_dict(consumed=2)["position"] == 2
+    assert next(iter(first)) == full[0]  # an abandoned iteration leaves no trace
     with pytest.raises(ValueError, match="seed"):
         ClassBalancedBatchSampler(LABELS, batch_size=8, samples_per_class=2, seed=8).load_state_dict(state)
 
@@ -170,3 +176,13 @@ def test_rank_and_replicas_default_to_torch_distributed(tmp_path):
         for r in range(2)
     ]
     assert [r["batches"] for r in results] == explicit
+
+
+def test_datasets_column_is_read_without_running_the_image_transform():
+    from datasets import Dataset
+
+    def explode(batch):
+        raise AssertionError("the sampler must not decode images to read labels")
+
+    column = Dataset.from_dict({"label": LABELS}).with_transform(explode)["label"]
+    assert list(ClassBalancedBatchSampler(column, 8, 2)) == list(ClassBalancedBatchSampler(LABELS, 8, 2))

@@ -41,6 +41,20 @@ def _default_replicas() -> tuple[int, int]:
     return 1, 0
 
 
+def _as_array(labels: Any) -> np.ndarray:
+    """Labels as a numpy array; a ``datasets`` column is read through Arrow, not row by row."""
+    if isinstance(labels, torch.Tensor):
+        return labels.cpu().numpy()
+    if isinstance(labels, np.ndarray):
+        return labels
+    source, column = getattr(labels, "source", None), getattr(labels, "column_name", None)
+    if column is not None and hasattr(source, "with_format"):  # datasets.Column: skip any image transform
+        return np.asarray(source.with_format("arrow")[column].to_pylist())
+    if hasattr(labels, "to_pylist"):  # pyarrow arrays
+        return np.asarray(labels.to_pylist())
+    return np.asarray(list(labels))
+
+
 class ClassBalancedBatchSampler(Sampler[list[int]]):
     """Yield batches of ``P = batch_size // samples_per_class`` classes x ``K = samples_per_class`` images.
 
@@ -79,9 +93,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         num_batches: int | None = None,
         drop_last: bool = True,
     ) -> None:
-        if isinstance(labels, torch.Tensor):
-            labels = labels.cpu().numpy()
-        labels = np.asarray(list(labels) if not isinstance(labels, np.ndarray) else labels)
+        labels = _as_array(labels)
         if labels.ndim != 1 or len(labels) == 0:
             raise ValueError(f"labels must be a non-empty 1-D sequence of class labels, got shape {labels.shape}.")
         if samples_per_class < 1:
@@ -154,7 +166,8 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.batches_per_process = max(1, per_process)
 
         self.epoch = 0
-        self._position = 0
+        self._position = 0  # batches of this epoch yielded so far
+        self._resume_from = 0  # where the next iteration starts (set by load_state_dict)
 
     def __len__(self) -> int:
         """Batches this process yields per epoch (the same on every process)."""
@@ -168,7 +181,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         """
         if epoch != self.epoch:
             self.epoch = epoch
-            self._position = 0
+            self._position = self._resume_from = 0
 
     def state_dict(self, consumed: int | None = None) -> dict[str, int]:
         """Epoch and position (batches of this epoch already yielded) for an exact resume.
@@ -190,7 +203,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                 f"seed={self.seed}, num_replicas={self.num_replicas}; the batch order would differ."
             )
         self.epoch = int(state["epoch"])
-        self._position = int(state["position"])
+        self._position = self._resume_from = int(state["position"])
 
     def _global_batches(self) -> list[list[int]]:
         """All processes' batches of the current epoch, in order (identical on every process)."""
@@ -224,9 +237,15 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
+        """This process's batches of the epoch, from the restored position (else the first batch).
+
+        Each new iteration starts afresh (an abandoned one leaves no trace) unless ``load_state_dict``
+        came in between. After a full pass ``state_dict()`` says the epoch is complete, so resuming
+        from it yields nothing until ``set_epoch`` moves on.
+        """
         mine = self._global_batches()[self.rank :: self.num_replicas]
+        self._position, self._resume_from = self._resume_from, 0
         while self._position < len(mine):
             batch = mine[self._position]
             self._position += 1
             yield batch
-        self._position = 0  # epoch finished: a later iteration without set_epoch repeats it from the start

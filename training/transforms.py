@@ -100,10 +100,21 @@ def attach_transform(
         if column not in dataset_split.column_names:
             raise ValueError(f"attach_transform: no column {column!r}; available: {dataset_split.column_names}.")
     raw = dataset_split.cast_column(image_column, ImageFeature(decode=False))
+    return raw.with_transform(_RobustTransform(transform, image_column, label_column))
 
-    def apply(batch: dict[str, list]) -> dict[str, list]:
+
+class _RobustTransform:
+    """The batch function behind :func:`attach_transform`; a class (not a closure) so that DataLoader
+    workers started with ``spawn``/``forkserver`` can pickle it."""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], image_column: str, label_column: str):
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         pixel_values = []
-        for record in batch[image_column]:
+        for record in batch[self.image_column]:
             skipped = SkippedImages()
             image = load_rgb_image(record, skipped)
             if image is None:
@@ -111,10 +122,8 @@ def attach_transform(
                     f"Cannot decode image {describe_source(record)} ({skipped.reasons[0]}). Drop unreadable "
                     "images before training with crossmetric.training.image_loading.filter_unreadable(dataset)."
                 )
-            pixel_values.append(transform(image))
-        return {"pixel_values": pixel_values, "labels": [int(label) for label in batch[label_column]]}
-
-    return raw.with_transform(apply)
+            pixel_values.append(self.transform(image))
+        return {"pixel_values": pixel_values, "labels": [int(label) for label in batch[self.label_column]]}
 
 
 def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
