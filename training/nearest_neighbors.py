@@ -174,7 +174,9 @@ def iter_knn(
             rows = min(batch_size, n_queries - start)
             while True:
                 k = int(need[order[start + rows - 1]])
-                row_bytes = dense_row_bytes if not faiss_backend else 48 * (k + 2)
+                # ~48 bytes per candidate: faiss' values and ids, sorted copies, and the caller's per-neighbour
+                # match / running-precision arrays.
+                row_bytes = 48 * (k + 2) + (0 if faiss_backend else dense_row_bytes)
                 if rows == 1 or rows * row_bytes <= memory_budget:
                     break
                 rows //= 2
