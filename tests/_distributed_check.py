@@ -16,14 +16,14 @@ from accelerate import Accelerator
 
 from crossmetric.training.config import TrainingConfig
 from crossmetric.training.distributed import all_gather_labels, all_gather_with_gradient
-from crossmetric.training.losses import build_objective
+from crossmetric.training.losses import objective_from_config
 
 accelerator = Accelerator()
 rank, world = accelerator.process_index, accelerator.num_processes
 generator = torch.Generator().manual_seed(0)
 full = F.normalize(torch.randn(16, 8, generator=generator), dim=-1)
 labels = torch.arange(8).repeat_interleave(2)
-objective = build_objective(TrainingConfig(cia_levels=0), num_classes=8, embedding_dim=8)
+objective = objective_from_config(TrainingConfig(cia_levels=0, embedding_dim=8), num_classes=8)
 
 whole = full.clone().requires_grad_(True)
 expected = objective(whole, labels, ()).loss

@@ -33,7 +33,7 @@ def train_command(argv: Sequence[str]) -> int:
     parser.add_argument("--config", default=None, help="recipe name or YAML file; command-line fields win")
     values = load_config_values(known.config)
     parser.set_defaults(**values)
-    (config,) = parser.parse_args_into_dataclasses(args=list(rest), look_for_args_file=False)
+    config, *_ = parser.parse_args_into_dataclasses(args=list(rest), look_for_args_file=False)
     from .trainer import CrossMetricTrainer
 
     trainer = CrossMetricTrainer(config)

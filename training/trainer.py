@@ -71,9 +71,9 @@ class CrossMetricTrainer:
         self._check_dataset()
         self.model = model if model is not None else self._build_model()
         num_classes = self.dataset["train"].features["label"].num_classes
-        from .losses import build_objective
+        from .losses import objective_from_config
 
-        self.objective = build_objective(config, num_classes=num_classes, embedding_dim=self.model.config.embedding_dim)
+        self.objective = objective_from_config(config, num_classes=num_classes)
         self.sampler = ClassBalancedBatchSampler(
             self.dataset["train"]["label"],
             config.batch_size,
