@@ -17,10 +17,13 @@ COMMANDS = ("train", "evaluate", "export", "push", "index", "search")
 
 def train_command(argv: Sequence[str]) -> int:
     """``crossmetric train [--config RECIPE_OR_YAML] [--field value ...]``."""
+    import time
+
     from transformers import HfArgumentParser
 
     from .config import RECIPES, TrainingConfig, load_config_values
 
+    started = time.perf_counter()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
@@ -38,7 +41,7 @@ def train_command(argv: Sequence[str]) -> int:
 
     trainer = CrossMetricTrainer(config)
     zero_shot = None
-    if not config.resume_from_checkpoint:
+    if config.zero_shot_eval and not config.resume_from_checkpoint:
         zero_shot = trainer.evaluate()
         print(f"zero-shot (before training): {_format(zero_shot)}", flush=True)
     result = trainer.train()
@@ -47,6 +50,8 @@ def train_command(argv: Sequence[str]) -> int:
         "export_directory": str(result.export_directory) if result.export_directory else None,
         "global_step": result.global_step,
         "train_seconds": round(result.train_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "median_step_seconds": result.median_step_seconds,
         "zero_shot": zero_shot,
         "final": result.metrics,
         "best": result.best_metrics,

@@ -128,6 +128,7 @@ class TrainingConfig:
     report_to: str = field(default="none", metadata={"help": "accelerate trackers: none, tensorboard, wandb, all"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers (0 keeps resume bit-exact)"})
+    zero_shot_eval: bool = field(default=True, metadata={"help": "evaluate the starting weights before training"})
     export: bool = field(default=True, metadata={"help": "export the embedder and its model card at the end"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ class TrainingResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
     export_directory: Path | None = None
+    median_step_seconds: float | None = None
 
 
 class CrossMetricTrainer:
@@ -119,6 +121,7 @@ class CrossMetricTrainer:
         self.batches_done_in_epoch = 0
         self.best_metrics: dict[str, float] | None = None
         self.history: list[dict[str, Any]] = []
+        self.step_seconds: list[float] = []  # compute time of each batch (forward, loss, backward, step), no data
 
     # ----------------------------------------------------------------------------------------------- building
     def _load_dataset(self) -> Any:
@@ -205,7 +208,7 @@ class CrossMetricTrainer:
             accelerator.end_training()
         return TrainingResult(
             self.run_directory, self.global_step, metrics, self.best_metrics, self.history, train_seconds,
-            export_directory,
+            export_directory, statistics.median(self.step_seconds) if self.step_seconds else None,
         )
 
     def _train_epoch(self) -> None:
@@ -221,6 +224,7 @@ class CrossMetricTrainer:
             dynamic_ncols=True,
         )
         for batch in self.train_loader:
+            step_started = time.perf_counter()
             with accelerator.accumulate(self.model):
                 output = self._loss(batch)
                 accelerator.backward(output.loss)
@@ -229,6 +233,9 @@ class CrossMetricTrainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.step_seconds.append(time.perf_counter() - step_started)
             self.batches_done_in_epoch += 1
             bar.update(1)
             if accelerator.sync_gradients:

@@ -1,0 +1,199 @@
+"""Does cross-image attention beat its own baseline? Baseline, CIA and ablation rows, several seeds, one run.
+
+Every row is the same recipe (``crossmetric train``, same schedule, sampler and augmentation) with only the head
+settings changed; the baseline is the head switched off (``--cia_levels 0``). Each (row, seed) is one
+``crossmetric train`` process, so the figures are what a user gets from the CLI. Writes ``results.json`` and
+``results.md`` (mean ± std over seeds on the unseen test classes) plus the cost ratios measured in the same run:
+training step time head on / head off, and exported-model inference time CIA / baseline (identical architecture,
+so ≈ 1.0).
+
+    python scripts/benchmark.py --output_dir outputs/benchmark            # glyphs, 3 seeds, all rows
+    python scripts/benchmark.py --dataset path/to/imagefolder --rows baseline cia --seeds 0 1 2
+    python scripts/benchmark.py --parallel 8 -- --num_workers 2            # on a GPU machine: 8 runs at once
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROWS: dict[str, dict[str, Any]] = {
+    "baseline": {"cia_levels": 0},
+    "cia": {},  # the recipe's head: 2 levels, query from the other image, lambda 1, every level
+    "cia_levels_1": {"cia_levels": 1},
+    "cia_levels_3": {"cia_levels": 3},
+    "cia_query_self": {"cia_query": "self"},
+    "cia_lambda_0.5": {"cia_loss_weight": 0.5},
+    "cia_lambda_2": {"cia_loss_weight": 2.0},
+    "cia_last_level_only": {"cia_level_weights": [0.0, 1.0]},
+}
+METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi")
+
+
+def run_arguments(row: str, seed: int, args: argparse.Namespace, extra: list[str]) -> list[str]:
+    overrides = {**ROWS[row], "seed": seed}
+    command = [
+        "--dataset",
+        args.dataset,
+        "--output_dir",
+        str(args.output_dir / "runs"),
+        "--run_name",
+        f"{row}-seed{seed}",
+        "--eval_every_epochs",
+        "0",
+        "--progress",
+        "False",
+        "--zero_shot_eval",
+        "False",
+        "--export",
+        str(seed == args.seeds[0] and row in ("baseline", "cia")),
+    ]
+    if args.data_dir:
+        command += ["--data_dir", args.data_dir]
+    for key, value in overrides.items():
+        command += [f"--{key}", *([str(v) for v in value] if isinstance(value, list) else [str(value)])]
+    return command + extra
+
+
+def train(row: str, seed: int, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    """One ``crossmetric train`` process; returns its summary.json (reused when it already exists)."""
+    summary_path = args.output_dir / "runs" / f"{row}-seed{seed}" / "summary.json"
+    if summary_path.exists() and not args.rerun:
+        return json.loads(summary_path.read_text())
+    log_path = args.output_dir / "logs" / f"{row}-seed{seed}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "crossmetric.training.cli", "train", *run_arguments(row, seed, args, extra)]
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    if result.returncode != 0:
+        raise RuntimeError(f"{row} seed {seed} failed (exit {result.returncode}); see {log_path}")
+    summary = json.loads(summary_path.read_text())
+    print(
+        f"{row:22s} seed {seed}: recall@1 {summary['final']['recall@1']:.4f} ({time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
+    return summary
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def inference_ratio(baseline_dir: Path, cia_dir: Path, repeats: int = 7) -> dict[str, float]:
+    """Embedding time of the CIA export over the baseline export on the same batch, interleaved A/B."""
+    import torch
+
+    from crossmetric import CrossMetricModel
+
+    models = [CrossMetricModel.from_pretrained(d).eval() for d in (baseline_dir, cia_dir)]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = [m.to(device) for m in models]
+    size = models[0].config.image_size
+    batch = torch.randn(256, 3, size, size, device=device)
+    times: list[list[float]] = [[], []]
+    with torch.no_grad():
+        for model in models:
+            model(batch)  # warm-up
+        for _ in range(repeats):
+            for index, model in enumerate(models):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                model(batch)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[index].append(time.perf_counter() - started)
+    baseline, cia = statistics.median(times[0]), statistics.median(times[1])
+    return {"baseline_seconds": baseline, "cia_seconds": cia, "ratio": cia / baseline}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    header = "| row | " + " | ".join(METRICS) + " | step s | seeds |\n|" + " --- |" * (len(METRICS) + 3)
+    lines = [header]
+    for row, data in results["rows"].items():
+        cells = [f"{data[m]['mean'] * 100:.2f} ± {data[m]['std'] * 100:.2f}" for m in METRICS]
+        per_seed = ", ".join(f"{v * 100:.1f}" for v in data["recall@1"]["values"])
+        step = data["median_step_seconds"]
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {step:.3f} | R@1 per seed: {per_seed} |")
+    cost = results["cost"]
+    lines.append("")
+    lines.append(
+        f"Training step time, head on / head off: {cost['step_time_ratio']:.3f}. "
+        f"Exported-model inference time, CIA / baseline: {cost['inference']['ratio']:.3f}."
+    )
+    lines.append(f"Wall time: {results['wall_seconds'] / 60:.1f} min on {results['device']}.")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="glyphs", help="glyphs, a benchmark name or an imagefolder path")
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--output_dir", type=Path, default=Path("outputs/benchmark"))
+    parser.add_argument("--parallel", type=int, default=1, help="training processes at once")
+    parser.add_argument("--rerun", action="store_true", help="train again even where a summary exists")
+    args, extra = parser.parse_known_args()
+    extra = [e for e in extra if e != "--"]
+    for needed in ("baseline", "cia"):
+        if needed not in args.rows:
+            parser.error(f"--rows must include {needed!r}: the cost ratios compare it with the other")
+    started = time.perf_counter()
+    jobs = [(row, seed) for seed in args.seeds for row in args.rows]
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        summaries = dict(zip(jobs, pool.map(lambda job: train(*job, args, extra), jobs)))
+    rows: dict[str, Any] = {}
+    for row in args.rows:
+        finals = [summaries[(row, seed)]["final"] for seed in args.seeds]
+        rows[row] = {
+            metric: dict(
+                zip(("mean", "std"), mean_std([f[metric] for f in finals])), values=[f[metric] for f in finals]
+            )
+            for metric in METRICS
+        }
+        rows[row]["median_step_seconds"] = statistics.median(
+            summaries[(row, seed)]["median_step_seconds"] for seed in args.seeds
+        )
+    runs = args.output_dir / "runs"
+    inference = inference_ratio(
+        runs / f"baseline-seed{args.seeds[0]}" / "model", runs / f"cia-seed{args.seeds[0]}" / "model"
+    )
+    import torch
+
+    results = {
+        "dataset": args.dataset,
+        "seeds": args.seeds,
+        "extra_arguments": extra,
+        "rows": rows,
+        "cost": {
+            "step_time_ratio": rows["cia"]["median_step_seconds"] / rows["baseline"]["median_step_seconds"],
+            "inference": inference,
+        },
+        "gain_recall@1": rows["cia"]["recall@1"]["mean"] - rows["baseline"]["recall@1"]["mean"],
+        "every_cia_seed_above_baseline_mean": all(
+            v > rows["baseline"]["recall@1"]["mean"] for v in rows["cia"]["recall@1"]["values"]
+        ),
+        "wall_seconds": time.perf_counter() - started,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
+        "command": " ".join(sys.argv),
+    }
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    (args.output_dir / "results.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
