@@ -1,0 +1,464 @@
+"""A searchable index of image embeddings: exact or approximate (faiss), saved without pickle, shared on the Hub.
+
+:class:`EmbeddingIndex` holds float32 L2-normalised embeddings with an id (str), a label (str or None) and a
+path (str or None) per row, and a faiss index over them for inner-product (= cosine) search:
+
+- ``kind="exact"``: ``IndexFlatIP``, exhaustive;
+- ``kind="hnsw"``: ``IndexHNSWFlat`` with the inner-product metric, in an ``IndexIDMap2`` (``ef_search`` trades
+  speed for recall);
+- ``kind="ivf"``: ``IndexIVFFlat`` with ``nlist ≈ sqrt(N)`` lists trained (k-means) on the data itself
+  (``nprobe`` trades speed for recall).
+
+The search setting of an approximate index (``ef_search``, ``nprobe``) is, unless given, calibrated on the data
+when the index is built: the smallest one whose recall@10 against exact search reaches ``target_recall`` (0.95)
+on a sample (see :mod:`.index_calibration` for why no fixed default works).
+
+A saved index is a folder of three files, none of them a pickle: ``index.faiss`` (``faiss.write_index``),
+``embeddings.safetensors`` and ``metadata.json`` (ids, labels, paths, kind, dim, count, model reference, format
+version). The folder is written next to its target and swapped in, so an interrupted save leaves the previous
+one readable. :meth:`EmbeddingIndex.load` checks that the three files agree before anything is searched. File
+names are fixed: ids and paths are data and never become file names.
+
+Building from images (a folder, a dataset, several processes) lives in :mod:`.index_build`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import faiss
+import numpy as np
+from safetensors.numpy import save_file
+
+from .index_calibration import calibrate, calibration_split, search_steps, set_search_param
+from .index_files import (
+    EMBEDDINGS_FILE,
+    EMBEDDINGS_KEY,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    KINDS,
+    METADATA_FILE,
+    IndexFormatError,
+    read_embeddings,
+    read_faiss,
+    read_metadata,
+    swap_in,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SUBFOLDER = "index"  # where an index lives inside a model folder or model repo
+# HNSW build settings; the search settings are calibrated on the data (index_calibration.py).
+DEFAULT_HNSW_M = 32
+DEFAULT_EF_CONSTRUCTION = 200
+DEFAULT_TARGET_RECALL = 0.95
+
+
+def default_nlist(count: int) -> int:
+    """IVF lists for ``count`` vectors: about sqrt(N), with at least 39 training points per list (faiss' minimum)."""
+    return max(1, min(round(math.sqrt(count)), count // 39))
+
+
+def _normalise_rows(array: Any, name: str) -> np.ndarray:
+    """float32, 2-D, finite, each row scaled to unit L2 norm (zero rows are an error); a copy of the input."""
+    matrix = np.array(array, dtype=np.float32, copy=True)
+    if matrix.ndim == 1:
+        matrix = matrix[None, :]
+    if matrix.ndim != 2 or matrix.shape[1] == 0:
+        raise ValueError(f"{name} must be a 2-D array (N × D), got shape {matrix.shape}.")
+    if not np.isfinite(matrix).all():
+        bad = int(np.flatnonzero(~np.isfinite(matrix).all(axis=1))[0])
+        raise ValueError(f"{name} row {bad} holds NaN or infinite values.")
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ValueError(f"{name} row {int(np.flatnonzero(norms[:, 0] == 0)[0])} is all zeros: it has no direction.")
+    if np.all(np.abs(norms - 1) <= 1e-5):  # already unit length: keep the exact bits (a loaded index stays identical)
+        return np.ascontiguousarray(matrix)
+    return np.ascontiguousarray(matrix / norms)
+
+
+def _string_list(values: Sequence[Any] | None, count: int, name: str, allow_none: bool) -> list[Any] | None:
+    """Check and copy a per-row column (ids, labels, paths): ``count`` entries, each a str (or None)."""
+    if values is None:
+        return None
+    values = list(values)
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} entries for {count} embeddings.")
+    out = []
+    for i, value in enumerate(values):
+        if value is None and allow_none:
+            out.append(None)
+        elif isinstance(value, (str, int, np.integer)) and not isinstance(value, bool):
+            out.append(str(value))
+        else:
+            raise ValueError(f"{name}[{i}] = {value!r}: expected a string.")
+    return out
+
+
+class EmbeddingIndex:
+    """Embeddings + ids/labels/paths + a faiss inner-product index over them.
+
+    Args:
+        embeddings: N × D array; stored as float32 and L2-normalised row by row (scores are cosines).
+        ids: N unique identifiers (str; ints are turned into str).
+        labels: N class names (str or None each), or None.
+        paths: N file paths (str or None each), or None.
+        kind: ``"exact"`` (default), ``"hnsw"`` or ``"ivf"``.
+        hnsw_m, ef_construction: HNSW graph degree and build beam width.
+        ef_search: HNSW search beam width; None (default) measures the smallest one whose recall@10 against
+            exact search reaches ``target_recall`` on a sample of the data (see :mod:`.index_calibration`).
+        nlist: IVF lists (default :func:`default_nlist`, about sqrt(N)).
+        nprobe: IVF lists visited per query; None (default) is calibrated like ``ef_search``.
+        target_recall: the recall@10 the calibration aims for (default 0.95).
+        model: a reference to the model that made the embeddings (see ``embedding.model_reference``).
+        calibration: the record of an earlier calibration (kept when loading a saved index).
+    """
+
+    def __init__(
+        self,
+        embeddings: Any,
+        ids: Sequence[Any],
+        labels: Sequence[str | None] | None = None,
+        paths: Sequence[str | None] | None = None,
+        kind: str = "exact",
+        *,
+        hnsw_m: int = DEFAULT_HNSW_M,
+        ef_construction: int = DEFAULT_EF_CONSTRUCTION,
+        ef_search: int | None = None,
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        target_recall: float = DEFAULT_TARGET_RECALL,
+        model: dict[str, Any] | None = None,
+        calibration: dict[str, Any] | None = None,
+        _faiss_index: Any = None,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r} is not one of {KINDS}.")
+        self.embeddings = _normalise_rows(embeddings, "embeddings")
+        count, self.dim = self.embeddings.shape
+        self.ids: list[str] = _string_list(ids, count, "ids", allow_none=False)  # type: ignore[assignment]
+        if len(set(self.ids)) != count:
+            duplicate, times = Counter(self.ids).most_common(1)[0]
+            raise ValueError(f"ids must be unique; {duplicate!r} appears {times} times.")
+        self.labels = _string_list(labels, count, "labels", allow_none=True)
+        self.paths = _string_list(paths, count, "paths", allow_none=True)
+        self.kind = kind
+        self.model = dict(model or {})
+        if kind == "ivf":
+            nlist = default_nlist(count) if nlist is None else int(nlist)
+            if not 1 <= nlist <= count:
+                raise ValueError(f"nlist={nlist} must be between 1 and the number of embeddings ({count}).")
+        self.params: dict[str, int | None] = (
+            {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
+            if kind == "hnsw"
+            else {"nlist": nlist, "nprobe": nprobe}
+            if kind == "ivf"
+            else {}
+        )
+        self.calibration: dict[str, Any] | None = dict(calibration) if calibration else None
+        self.faiss_index = _faiss_index if _faiss_index is not None else self._build(target_recall)
+        self._apply_search_params(self.faiss_index, self.params.get("ef_search"), self.params.get("nprobe"))
+
+    @classmethod
+    def from_folder(
+        cls, model: Any, folder: str | os.PathLike, *, kind: str = "exact", **kwargs: Any
+    ) -> EmbeddingIndex:
+        """Embed every image under ``folder`` with ``model`` (an exported folder, a Hub id or a model object).
+
+        Ids are the paths relative to ``folder``; labels are the sub-folder names when every image lies in a
+        sub-folder (one class per sub-folder), else None. Unreadable files are skipped with a warning. Other
+        keyword arguments: ``image_processor``, ``batch_size``, ``device``, ``progress``, ``num_workers`` and
+        the index settings of the constructor.
+        """
+        from .index_build import build_index
+
+        return build_index(model, folder, kind=kind, **kwargs)
+
+    @classmethod
+    def from_dataset(
+        cls,
+        model: Any,
+        dataset: Any,
+        image_column: str = "image",
+        label_column: str | None = "label",
+        id_column: str | None = None,
+        *,
+        kind: str = "exact",
+        **kwargs: Any,
+    ) -> EmbeddingIndex:
+        """Embed the images of a ``datasets.Dataset``; ids from ``id_column`` (default: the row number), labels
+        from ``label_column`` (ClassLabel names) when present, paths from the image records where stored."""
+        from .index_build import build_index
+
+        return build_index(
+            model, dataset, kind=kind, image_column=image_column, label_column=label_column, id_column=id_column,
+            **kwargs,
+        )  # fmt: skip
+
+    # -- building and searching --------------------------------------------------------------------------------
+    def _build(self, target_recall: float) -> Any:
+        """The faiss index of ``self.kind`` over ``self.embeddings`` (IVF trained on them), ids = row numbers.
+
+        An approximate index without a search setting is calibrated while it is built (held-out sample, see
+        :mod:`.index_calibration`); HNSW is wrapped in ``IndexIDMap2`` so that the sample can be added last.
+        """
+        vectors, count = self.embeddings, len(self)
+        if self.kind == "exact":
+            index = faiss.IndexFlatIP(self.dim)
+            index.add(vectors)
+            return index
+        if self.kind == "hnsw":
+            graph = faiss.IndexHNSWFlat(self.dim, self.params["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
+            graph.hnsw.efConstruction = self.params["ef_construction"]
+            index = faiss.IndexIDMap2(graph)
+        else:
+            quantizer = faiss.IndexFlatIP(self.dim)
+            index = faiss.IndexIVFFlat(quantizer, self.dim, self.params["nlist"], faiss.METRIC_INNER_PRODUCT)
+            index.train(vectors)
+        param = "ef_search" if self.kind == "hnsw" else "nprobe"
+        if self.params[param] is not None or count < 2:
+            index.add_with_ids(vectors, np.arange(count, dtype=np.int64))
+            self.params[param] = self.params[param] or search_steps(self.kind, index)[0]
+            return index
+        rest, held = calibration_split(count)
+        index.add_with_ids(vectors[rest], rest)
+        result = calibrate(index, vectors[rest], rest, vectors[held], self.kind, target=target_recall)
+        index.add_with_ids(vectors[held], held)
+        self.params[param] = result.value
+        self.calibration = result.to_dict()
+        logger.info("Calibrated %s=%d (held-out recall@%d %.3f).", param, result.value, result.k, result.recall)
+        return index
+
+    @staticmethod
+    def _apply_search_params(index: Any, ef_search: int | None, nprobe: int | None) -> None:
+        if ef_search is not None and isinstance(index, faiss.IndexIDMap2):
+            set_search_param(index, "hnsw", ef_search)
+        if nprobe is not None and isinstance(index, faiss.IndexIVF):
+            set_search_param(index, "ivf", nprobe)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"EmbeddingIndex(kind={self.kind!r}, count={len(self)}, dim={self.dim}, params={self.params})"
+
+    def search_arrays(
+        self, query_embeddings: Any, k: int = 10, *, ef_search: int | None = None, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw search: ``(scores, rows)``, both Q × min(k, N), best first; rows are -1 where an approximate
+        index found fewer than k neighbours. Queries are L2-normalised first."""
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}.")
+        queries = _normalise_rows(query_embeddings, "query_embeddings")
+        if queries.shape[1] != self.dim:
+            raise ValueError(
+                f"query_embeddings have dimension {queries.shape[1]} but this index holds dimension {self.dim}: "
+                "embed the queries with the model that built the index."
+            )
+        index = self.faiss_index
+        if ef_search is not None or nprobe is not None:
+            index = faiss.clone_index(index)  # leave the shared index's settings alone (thread safety)
+            self._apply_search_params(index, ef_search, nprobe)
+        scores, rows = index.search(queries, min(int(k), len(self)))
+        return scores, rows
+
+    def search(
+        self, query_embeddings: Any, k: int = 10, *, ef_search: int | None = None, nprobe: int | None = None
+    ) -> list[list[dict[str, Any]]]:
+        """For each query row, its ``k`` nearest entries as ``{"id", "label", "score", "path"}``, best first.
+
+        ``score`` is the inner product of the normalised vectors (cosine similarity). A single 1-D query still
+        gives a list with one result list. ``ef_search`` / ``nprobe`` override the HNSW / IVF settings.
+        """
+        scores, rows = self.search_arrays(query_embeddings, k, ef_search=ef_search, nprobe=nprobe)
+        return [self._results(score_row, index_row) for score_row, index_row in zip(scores, rows)]
+
+    def _results(self, scores: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": self.ids[row],
+                "label": self.labels[row] if self.labels is not None else None,
+                "score": float(score),
+                "path": self.paths[row] if self.paths is not None else None,
+            }
+            for score, row in zip(scores.tolist(), rows.tolist())
+            if row >= 0
+        ]
+
+    # -- saving and loading ------------------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        """The content of ``metadata.json``."""
+        from .. import __version__
+
+        return {
+            "format_version": FORMAT_VERSION,
+            "library": f"crossmetric {__version__}",
+            "kind": self.kind,
+            "metric": "inner_product",
+            "dim": self.dim,
+            "count": len(self),
+            "params": self.params,
+            "calibration": self.calibration,
+            "model": self.model,
+            "ids": self.ids,
+            "labels": self.labels,
+            "paths": self.paths,
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the index folder atomically: built in a temporary sibling folder, then swapped in."""
+        target = Path(directory)
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"cannot save the index to {str(target)!r}: it is a file, not a folder.")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        try:
+            faiss.write_index(self.faiss_index, str(staging / INDEX_FILE))
+            save_file({EMBEDDINGS_KEY: self.embeddings}, str(staging / EMBEDDINGS_FILE), metadata={"format": "np"})
+            with open(staging / METADATA_FILE, "w", encoding="utf-8") as handle:
+                json.dump(self.metadata(), handle, ensure_ascii=False)
+            swap_in(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> EmbeddingIndex:
+        """Read a folder written by :meth:`save`, checking that its three files agree (no pickle involved)."""
+        folder = Path(directory)
+        if not folder.is_dir():
+            hint = ""
+            backups = sorted(folder.parent.glob(f".{folder.name}.old-*")) if folder.parent.is_dir() else []
+            if backups:
+                hint = f" A save was interrupted while swapping folders; the previous index is in {backups[-1]}."
+            raise FileNotFoundError(f"index folder {str(folder)!r} does not exist.{hint}")
+        for name in (METADATA_FILE, EMBEDDINGS_FILE, INDEX_FILE):
+            if not (folder / name).is_file():
+                raise IndexFormatError(
+                    f"{folder / name} is missing: an index folder holds {METADATA_FILE}, {EMBEDDINGS_FILE} and "
+                    f"{INDEX_FILE} (written by EmbeddingIndex.save)."
+                )
+        meta = read_metadata(folder / METADATA_FILE)
+        count, dim, kind = meta["count"], meta["dim"], meta["kind"]
+        embeddings = read_embeddings(folder / EMBEDDINGS_FILE, count, dim)
+        index = read_faiss(folder / INDEX_FILE, count, dim, kind)
+        if not np.array_equal(index.reconstruct(0), embeddings[0]) or not np.array_equal(
+            index.reconstruct(count - 1), embeddings[count - 1]
+        ):
+            raise IndexFormatError(
+                f"{folder / INDEX_FILE} holds other vectors than {folder / EMBEDDINGS_FILE}: the files come from "
+                "different saves. Rebuild the index."
+            )
+        params = meta.get("params") or {}
+        try:
+            return cls(
+                embeddings,
+                meta["ids"],
+                meta.get("labels"),
+                meta.get("paths"),
+                kind,
+                **{k: params[k] for k in ("ef_search", "nprobe", "nlist", "hnsw_m", "ef_construction") if k in params},
+                model=meta.get("model"),
+                calibration=meta.get("calibration"),
+                _faiss_index=index,
+            )
+        except (ValueError, TypeError) as error:
+            raise IndexFormatError(f"{folder / METADATA_FILE}: {error}") from error
+
+    # -- Hub ---------------------------------------------------------------------------------------------------
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        path_in_repo: str | None = None,
+        private: bool = False,
+        revision: str | None = None,
+        create_pr: bool = False,
+        commit_message: str | None = None,
+        token: str | None = None,
+        endpoint: str | None = None,
+    ) -> Any:
+        """Upload the index to the model repo ``repo_id`` in one commit (other files of the repo are kept).
+
+        ``path_in_repo="index"`` puts it in the ``index/`` folder of a model repo, so that the model and its
+        index travel together (``EmbeddingIndex.from_pretrained(repo_id)`` and the ``image-retrieval``
+        pipeline look there). Returns huggingface_hub's ``CommitInfo``.
+        """
+        from .hub import push_to_hub_folder
+
+        with tempfile.TemporaryDirectory(prefix="crossmetric-index-") as staging:
+            self.save(Path(staging, *_check_path_in_repo(path_in_repo)) if path_in_repo else Path(staging, "root"))
+            folder = Path(staging) if path_in_repo else Path(staging, "root")
+            return push_to_hub_folder(
+                folder,
+                repo_id,
+                private=private,
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message or "Upload crossmetric embedding index",
+                token=token,
+                endpoint=endpoint,
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_dir: str | os.PathLike,
+        revision: str | None = None,
+        *,
+        subfolder: str | None = None,
+        token: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> EmbeddingIndex:
+        """Load an index from a local folder or a Hub model repo (its root, or its ``index/`` folder).
+
+        Without ``subfolder``, the folder itself is tried first, then ``index/`` inside it. From the Hub only
+        the index files are downloaded (``huggingface_hub.snapshot_download``), not the model weights.
+        """
+        parts = _check_path_in_repo(subfolder) if subfolder else ()
+        candidates = [parts] if subfolder else [(), (DEFAULT_SUBFOLDER,)]
+        local = Path(repo_id_or_dir)
+        if local.is_dir():
+            return cls.load(_pick(local, candidates, str(local)))
+        name = os.fspath(repo_id_or_dir)
+        if local.exists() or name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+            raise FileNotFoundError(f"index {name!r} is not a folder (nor a Hub repo id NAMESPACE/NAME).")
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+        patterns = ["/".join((*c, f)) for c in candidates for f in (METADATA_FILE, EMBEDDINGS_FILE, INDEX_FILE)]
+        try:
+            snapshot = snapshot_download(
+                name, revision=revision, allow_patterns=patterns, token=token, cache_dir=cache_dir, repo_type="model"
+            )
+        except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError) as error:
+            raise FileNotFoundError(
+                f"index {name!r}: no such local folder, and downloading it from the Hub failed: {error}"
+            ) from error
+        return cls.load(_pick(Path(snapshot), candidates, f"Hub repo {name!r}"))
+
+
+def _check_path_in_repo(path: str) -> tuple[str, ...]:
+    """Split a relative POSIX folder path; refuse absolute paths and ``..`` (it must stay inside the repo)."""
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or not pure.parts or any(p in ("..", ".") for p in pure.parts) or "\\" in path:
+        raise ValueError(f"path_in_repo/subfolder {path!r} must be a relative folder path such as 'index'.")
+    return pure.parts
+
+
+def _pick(root: Path, candidates: list[tuple[str, ...]], where: str) -> Path:
+    for parts in candidates:
+        if (root.joinpath(*parts) / METADATA_FILE).is_file():
+            return root.joinpath(*parts)
+    looked = " or ".join("/".join((*c, METADATA_FILE)) for c in candidates)
+    raise FileNotFoundError(f"{where} holds no embedding index (looked for {looked}).")

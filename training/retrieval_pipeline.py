@@ -1,0 +1,222 @@
+"""The ``image-retrieval`` pipeline: image(s) in, nearest entries of an :class:`EmbeddingIndex` out.
+
+After :func:`register_retrieval_pipeline` (``import crossmetric`` calls it)::
+
+    from transformers import pipeline
+    retrieve = pipeline("image-retrieval", model="path/to/export", index="path/to/index", top_k=5)
+    retrieve("query.jpg")            # [{"id", "label", "score", "path"}, ...] best first
+    retrieve(["a.jpg", "b.jpg"])     # one such list per image
+
+How the index reaches the pipeline: ``transformers.pipeline()`` hands every keyword it does not know itself to
+the pipeline class, whose ``_sanitize_parameters`` sorts them into preprocess / forward / postprocess parameters
+(the same happens for keywords given at call time, which override). ``index`` (an ``EmbeddingIndex``, a saved
+index folder, or a Hub repo id), ``top_k``, ``ef_search`` and ``nprobe`` are postprocess parameters;
+``timeout`` (for image URLs) a preprocess one. Without ``index=``, the pipeline looks for an index in the model's
+own folder or repo under ``index/`` (see ``EmbeddingIndex.push_to_hub(repo_id, path_in_repo="index")``).
+
+The query embedding is the model's ``pooler_output`` (the L2-normalised embedding), so any model whose output
+has one works, not only crossmetric's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModel, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+logger = logging.getLogger(__name__)
+
+TASK = "image-retrieval"
+DEFAULT_TOP_K = 5
+# The module path transformers records for remote code is "<file stem>.<class>"; see add_retrieval_pipeline_to_config.
+_REMOTE_CODE_FILE = "crossmetric_retrieval_pipeline.py"
+_REMOTE_CODE = '''"""Remote-code entry for the image-retrieval pipeline; the code is in the crossmetric package.
+
+Only used by ``transformers.pipeline(model=..., trust_remote_code=True)``; with crossmetric installed,
+``import crossmetric`` registers the pipeline and no remote code is needed (pass ``pipeline_class=`` or drop the
+``custom_pipelines`` entry from config.json). Needs ``pip install crossmetric``.
+"""
+
+from crossmetric.training.retrieval_pipeline import ImageRetrievalPipeline  # noqa: F401
+'''
+
+
+def _resolve_index(index: Any) -> Any:
+    """An ``EmbeddingIndex`` from an index object, a folder or a Hub repo id."""
+    from .retrieval_index import EmbeddingIndex
+
+    if isinstance(index, EmbeddingIndex):
+        return index
+    if isinstance(index, (str, os.PathLike)):
+        return EmbeddingIndex.from_pretrained(index)
+    raise TypeError(f"index must be an EmbeddingIndex, a saved index folder or a Hub repo id, got {type(index)}.")
+
+
+class ImageRetrievalPipeline(Pipeline):
+    """Embed each query image with the model and return its ``top_k`` nearest entries of the index.
+
+    Keyword arguments (at construction or per call): ``index``, ``top_k`` (default 5), ``ef_search`` / ``nprobe``
+    (approximate indexes), ``timeout`` (seconds, for image URLs).
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._postprocess_params.get("index") is None:
+            self._postprocess_params["index"] = self._index_next_to_model()
+        self.image_processor_check()
+
+    @property
+    def index(self) -> Any:
+        """The index searched when a call passes none."""
+        return self._postprocess_params["index"]
+
+    def image_processor_check(self) -> None:
+        if self.image_processor is None:
+            raise ValueError(
+                "image-retrieval needs the model's image processor: the model folder has no preprocessor_config.json; "
+                "pass image_processor= to pipeline()."
+            )
+
+    def _index_next_to_model(self) -> Any:
+        """The index shipped with the model (its folder or repo, ``index/``), or a clear error."""
+        from .retrieval_index import DEFAULT_SUBFOLDER, EmbeddingIndex
+
+        source = getattr(self.model, "name_or_path", "") or getattr(self.model.config, "_name_or_path", "")
+        if source:
+            try:
+                return EmbeddingIndex.from_pretrained(source, subfolder=DEFAULT_SUBFOLDER)
+            except FileNotFoundError as error:
+                logger.debug("No index next to the model: %s", error)
+        raise ValueError(
+            "image-retrieval needs an index: pass index= (an EmbeddingIndex, a folder written by EmbeddingIndex.save, "
+            f"or a Hub repo id); the model {source or '(unnamed)'!r} has no index/ folder."
+        )
+
+    def _check_index(self, index: Any) -> Any:
+        """Refuse an index of another embedding size; warn when it was built by a different model."""
+        from .embedding import model_reference
+
+        dim = getattr(self.model.config, "embedding_dim", None)
+        if dim is not None and dim != index.dim:
+            raise ValueError(
+                f"the index holds {index.dim}-dimensional embeddings but the model makes {dim}-dimensional ones: "
+                "use the index built with this model."
+            )
+        built_with = index.model.get("fingerprint")
+        if built_with and built_with != model_reference(self.model).get("fingerprint"):
+            logger.warning(
+                "The index was built with a different model (%s) than this pipeline's (%s): scores may be meaningless.",
+                index.model.get("name_or_path") or "unknown",
+                getattr(self.model, "name_or_path", "") or "unnamed",
+            )
+        return index
+
+    def _sanitize_parameters(
+        self,
+        index: Any = None,
+        top_k: int | None = None,
+        ef_search: int | None = None,
+        nprobe: int | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[dict, dict, dict]:
+        if kwargs:
+            raise TypeError(f"image-retrieval got unexpected keyword arguments: {sorted(kwargs)}.")
+        preprocess = {"timeout": timeout} if timeout is not None else {}
+        postprocess: dict[str, Any] = {}
+        if index is not None:
+            postprocess["index"] = self._check_index(_resolve_index(index))
+        if top_k is not None:
+            if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+                raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+            postprocess["top_k"] = top_k
+        for name, value in (("ef_search", ef_search), ("nprobe", nprobe)):
+            if value is not None:
+                postprocess[name] = value
+        return preprocess, {}, postprocess
+
+    def __call__(self, images: Any, **kwargs: Any) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """Retrieve for one image (a path, URL or PIL image: one result list) or a list of them (a list of lists)."""
+        return super().__call__(images, **kwargs)
+
+    def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        from transformers.image_utils import load_image
+
+        from .image_loading import describe_source, load_rgb_image
+
+        if isinstance(image, str) and image.startswith(("http://", "https://")):
+            decoded = load_image(image, timeout=timeout).convert("RGB")
+        else:
+            decoded = load_rgb_image(image)
+            if decoded is None:
+                raise ValueError(f"query image {describe_source(image)!r} could not be decoded (see the warning).")
+        inputs = self.image_processor(images=decoded, return_tensors="pt")
+        return {"pixel_values": inputs["pixel_values"].to(self.dtype or torch.float32)}
+
+    def _forward(self, model_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"embeddings": self.model(pixel_values=model_inputs["pixel_values"]).pooler_output}
+
+    def postprocess(
+        self,
+        model_outputs: dict[str, torch.Tensor],
+        index: Any = None,
+        top_k: int = DEFAULT_TOP_K,
+        ef_search: int | None = None,
+        nprobe: int | None = None,
+    ) -> list[dict[str, Any]]:
+        embeddings = model_outputs["embeddings"].float().cpu().numpy()
+        return index.search(embeddings, k=top_k, ef_search=ef_search, nprobe=nprobe)[0]
+
+
+def register_retrieval_pipeline() -> None:
+    """Register ``image-retrieval`` with transformers (idempotent; ``import crossmetric`` calls it)."""
+    current = PIPELINE_REGISTRY.supported_tasks.get(TASK)
+    if current is not None and current.get("impl") is ImageRetrievalPipeline:
+        return
+    PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=ImageRetrievalPipeline, pt_model=AutoModel, type="image")
+
+
+def add_retrieval_pipeline_to_config(export_dir: str | os.PathLike) -> Path:
+    """Declare the ``image-retrieval`` pipeline in an exported model's ``config.json``, for remote-code users.
+
+    Writes ``custom_pipelines = {"image-retrieval": {"impl": "crossmetric_retrieval_pipeline.ImageRetrievalPipeline",
+    "pt": ["AutoModel"], "tf": [], "type": "image"}}`` (the entry ``Pipeline.save_pretrained`` writes for a
+    registered custom pipeline) and the small remote-code file it names, which imports the implementation from the
+    installed crossmetric package. Then ``pipeline(model=repo, trust_remote_code=True, index=...)`` infers the task.
+
+    Trade-off (transformers 5.x): once a config declares the task in ``custom_pipelines``,
+    ``pipeline("image-retrieval", model=...)`` insists on ``trust_remote_code=True`` (or ``pipeline_class=``)
+    even when crossmetric is installed and has registered the task. Without this entry, the registered pipeline
+    works with no remote code at all, so only add it when the task should be inferred from the repo.
+    """
+    folder = Path(export_dir)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{str(folder)!r} has no config.json: pass a folder written by save_embedder().")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.setdefault("custom_pipelines", {})[TASK] = {
+        "impl": f"{Path(_REMOTE_CODE_FILE).stem}.{ImageRetrievalPipeline.__name__}",
+        "pt": ["AutoModel"],
+        "tf": [],
+        "type": "image",
+    }
+    _write_atomically(folder / _REMOTE_CODE_FILE, _REMOTE_CODE)
+    _write_atomically(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config_path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
