@@ -11,7 +11,8 @@
   real step, but nothing reaches the backbone); then head forward, the per-level multi-similarity losses, backward,
   and an AdamW step over the head's parameters. The base loss is not counted: the baseline pays it too.
 - *no-head step*: the same step for the same model with ``cia_levels=0`` (the baseline). ``step - no-head step`` is a
-  second, independent estimate of the head's cost, by subtraction.
+  second, independent estimate of the head's cost, by subtraction. It is the difference of two large, noisy numbers
+  (per-round values ranged from -87 % to +31 % on a shared machine), so the direct measurement is the figure.
 
 The head share is ``median(head) / median(step)``. If it exceeds the target, ``torch.profiler`` runs on the head
 part and the ops that take the most CPU time are reported.
@@ -152,6 +153,8 @@ def training_cost(rounds: int, warmup: int, batch_classes: int, per_class: int, 
     medians = {name: statistics.median(values) for name, values in times.items()}
     result["head_share"] = result.pop("ratio")
     result["head_share_by_subtraction"] = round((medians["step"] - medians["step_without_head"]) / medians["step"], 4)
+    per_round = [(a - b) / a for a, b in zip(times["step"], times["step_without_head"])]
+    result["head_share_by_subtraction_round_median"] = round(statistics.median(per_round), 4)
     result["target"] = f"head_share <= {HEAD_TARGET}"
     result["passes"] = result["head_share"] <= HEAD_TARGET
     result["setup"] = {
@@ -249,7 +252,7 @@ def markdown(report: dict[str, Any]) -> str:
     )
     lines.append(
         f"| by subtraction (step − no-head step) | step {m['step']} | no head {m['step_without_head']} | "
-        f"{train['head_share_by_subtraction']:.3f} (share) | | |"
+        f"{train['head_share_by_subtraction']:.3f} (share) | {train['head_share_by_subtraction_round_median']:.3f} | |"
     )
     for name, result in report["inference"].items():
         m = result["median_ms"]
