@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], bool]:
                 "build_s": round(build, 3),
                 "search_ms_per_query": round(1000 * seconds / len(queries), 4),
                 f"recall@{args.k}": round(recall, 4),
+                "calibration": indexes[kind].calibration,
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--clusters", type=int, default=1000, help="blobs in the clustered data")
-    parser.add_argument("--spread", type=float, default=0.5, help="blob standard deviation (centres have std 1)")
+    parser.add_argument("--spread", type=float, default=1.0, help="blob standard deviation (centres have std 1)")
     parser.add_argument("--data", nargs="+", default=["clustered", "gaussian"], choices=["clustered", "gaussian"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (0: faiss default)")

@@ -19,7 +19,9 @@ version). The folder is written next to its target and swapped in, so an interru
 one readable. :meth:`EmbeddingIndex.load` checks that the three files agree before anything is searched. File
 names are fixed: ids and paths are data and never become file names.
 
-Building from images (a folder, a dataset, several processes) lives in :mod:`.index_build`.
+Around this class: the file format and its checks in :mod:`.index_files`, the calibration in
+:mod:`.index_calibration`, the Hub in :mod:`.index_hub`, building from images (a folder, a dataset, several
+processes) in :mod:`.index_build`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -56,7 +58,6 @@ from .index_files import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SUBFOLDER = "index"  # where an index lives inside a model folder or model repo
 # HNSW build settings; the search settings are calibrated on the data (index_calibration.py).
 DEFAULT_HNSW_M = 32
 DEFAULT_EF_CONSTRUCTION = 200
@@ -264,11 +265,13 @@ class EmbeddingIndex:
                 f"query_embeddings have dimension {queries.shape[1]} but this index holds dimension {self.dim}: "
                 "embed the queries with the model that built the index."
             )
-        index = self.faiss_index
-        if ef_search is not None or nprobe is not None:
-            index = faiss.clone_index(index)  # leave the shared index's settings alone (thread safety)
-            self._apply_search_params(index, ef_search, nprobe)
-        scores, rows = index.search(queries, min(int(k), len(self)))
+        # Per-call settings travel as faiss SearchParameters: the shared index is neither changed nor copied.
+        params = None
+        if ef_search is not None and self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=int(ef_search))
+        elif nprobe is not None and self.kind == "ivf":
+            params = faiss.SearchParametersIVF(nprobe=int(nprobe))
+        scores, rows = self.faiss_index.search(queries, min(int(k), len(self)), params=params)
         return scores, rows
 
     def search(
@@ -375,90 +378,28 @@ class EmbeddingIndex:
         except (ValueError, TypeError) as error:
             raise IndexFormatError(f"{folder / METADATA_FILE}: {error}") from error
 
-    # -- Hub ---------------------------------------------------------------------------------------------------
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        path_in_repo: str | None = None,
-        private: bool = False,
-        revision: str | None = None,
-        create_pr: bool = False,
-        commit_message: str | None = None,
-        token: str | None = None,
-        endpoint: str | None = None,
-    ) -> Any:
-        """Upload the index to the model repo ``repo_id`` in one commit (other files of the repo are kept).
+    # -- Hub (see index_hub.py) --------------------------------------------------------------------------------
+    def push_to_hub(self, repo_id: str, *, path_in_repo: str | None = None, **kwargs: Any) -> Any:
+        """Upload the index to the model repo ``repo_id`` in one commit (the repo's other files are kept).
 
         ``path_in_repo="index"`` puts it in the ``index/`` folder of a model repo, so that the model and its
         index travel together (``EmbeddingIndex.from_pretrained(repo_id)`` and the ``image-retrieval``
-        pipeline look there). Returns huggingface_hub's ``CommitInfo``.
+        pipeline look there). Other keywords: ``private``, ``revision``, ``create_pr``, ``commit_message``,
+        ``token``, ``endpoint`` (as ``crossmetric.push_to_hub``). Returns huggingface_hub's ``CommitInfo``.
         """
-        from .hub import push_to_hub_folder
+        from .index_hub import push_index
 
-        with tempfile.TemporaryDirectory(prefix="crossmetric-index-") as staging:
-            self.save(Path(staging, *_check_path_in_repo(path_in_repo)) if path_in_repo else Path(staging, "root"))
-            folder = Path(staging) if path_in_repo else Path(staging, "root")
-            return push_to_hub_folder(
-                folder,
-                repo_id,
-                private=private,
-                revision=revision,
-                create_pr=create_pr,
-                commit_message=commit_message or "Upload crossmetric embedding index",
-                token=token,
-                endpoint=endpoint,
-            )
+        return push_index(self, repo_id, path_in_repo=path_in_repo, **kwargs)
 
     @classmethod
     def from_pretrained(
-        cls,
-        repo_id_or_dir: str | os.PathLike,
-        revision: str | None = None,
-        *,
-        subfolder: str | None = None,
-        token: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
+        cls, repo_id_or_dir: str | os.PathLike, revision: str | None = None, **kwargs: Any
     ) -> EmbeddingIndex:
-        """Load an index from a local folder or a Hub model repo (its root, or its ``index/`` folder).
+        """Load an index from a local folder or a Hub model repo: its root, or its ``index/`` folder.
 
-        Without ``subfolder``, the folder itself is tried first, then ``index/`` inside it. From the Hub only
-        the index files are downloaded (``huggingface_hub.snapshot_download``), not the model weights.
+        Keywords: ``subfolder`` (look only there), ``token``, ``cache_dir``. From the Hub only the index files
+        are downloaded, not the model weights.
         """
-        parts = _check_path_in_repo(subfolder) if subfolder else ()
-        candidates = [parts] if subfolder else [(), (DEFAULT_SUBFOLDER,)]
-        local = Path(repo_id_or_dir)
-        if local.is_dir():
-            return cls.load(_pick(local, candidates, str(local)))
-        name = os.fspath(repo_id_or_dir)
-        if local.exists() or name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
-            raise FileNotFoundError(f"index {name!r} is not a folder (nor a Hub repo id NAMESPACE/NAME).")
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+        from .index_hub import index_folder
 
-        patterns = ["/".join((*c, f)) for c in candidates for f in (METADATA_FILE, EMBEDDINGS_FILE, INDEX_FILE)]
-        try:
-            snapshot = snapshot_download(
-                name, revision=revision, allow_patterns=patterns, token=token, cache_dir=cache_dir, repo_type="model"
-            )
-        except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError) as error:
-            raise FileNotFoundError(
-                f"index {name!r}: no such local folder, and downloading it from the Hub failed: {error}"
-            ) from error
-        return cls.load(_pick(Path(snapshot), candidates, f"Hub repo {name!r}"))
-
-
-def _check_path_in_repo(path: str) -> tuple[str, ...]:
-    """Split a relative POSIX folder path; refuse absolute paths and ``..`` (it must stay inside the repo)."""
-    pure = PurePosixPath(path)
-    if pure.is_absolute() or not pure.parts or any(p in ("..", ".") for p in pure.parts) or "\\" in path:
-        raise ValueError(f"path_in_repo/subfolder {path!r} must be a relative folder path such as 'index'.")
-    return pure.parts
-
-
-def _pick(root: Path, candidates: list[tuple[str, ...]], where: str) -> Path:
-    for parts in candidates:
-        if (root.joinpath(*parts) / METADATA_FILE).is_file():
-            return root.joinpath(*parts)
-    looked = " or ".join("/".join((*c, METADATA_FILE)) for c in candidates)
-    raise FileNotFoundError(f"{where} holds no embedding index (looked for {looked}).")
+        return cls.load(index_folder(repo_id_or_dir, revision, **kwargs))

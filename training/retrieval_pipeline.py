@@ -90,7 +90,8 @@ class ImageRetrievalPipeline(Pipeline):
 
     def _index_next_to_model(self) -> Any:
         """The index shipped with the model (its folder or repo, ``index/``), or a clear error."""
-        from .retrieval_index import DEFAULT_SUBFOLDER, EmbeddingIndex
+        from .index_hub import DEFAULT_SUBFOLDER
+        from .retrieval_index import EmbeddingIndex
 
         source = getattr(self.model, "name_or_path", "") or getattr(self.model.config, "_name_or_path", "")
         if source:
