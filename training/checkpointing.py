@@ -7,6 +7,7 @@ never leaves a half-written checkpoint that a resume would take for a good one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -14,6 +15,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .fault_points import fault_point
 
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
@@ -70,23 +73,84 @@ def write_checkpoint(
     try:
         staging.mkdir()
         write_contents(staging)
+        fault_point("checkpoint_write")  # test hook: the contents are written, the folder is not yet complete
         (staging / TRAINER_STATE).write_text(json.dumps(state, indent=2))
         _fsync_tree(staging)
         (staging / COMPLETE_MARKER).write_text("ok\n")
         _fsync_tree(staging)
-        if final.exists():
-            shutil.rmtree(final)
+        _remove(final)  # the same step saved twice (save_steps and an epoch end)
         os.replace(staging, final)
-    except BaseException:
+    except BaseException as error:
+        disk_full = isinstance(error, Exception) and _is_disk_full(error, root)
         shutil.rmtree(staging, ignore_errors=True)
+        if disk_full:
+            last = complete_checkpoints(run_directory)
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on the device while writing checkpoint-{step} under {root}. The incomplete "
+                f"checkpoint was removed; the last complete one ({last[-1] if last else 'none yet'}) is intact. "
+                "Free some space, lower --save_total_limit or choose an --output_dir on a larger disk, then "
+                "resume with --resume_from_checkpoint latest.",
+            ) from error
         raise
     for old in complete_checkpoints(run_directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint folder by renaming it out of the ``checkpoint-N`` namespace first: a run killed
+    half way through the deletion must not leave a folder that still looks complete but lacks files."""
+    if not checkpoint.exists():
+        return
+    doomed = checkpoint.with_name(f".{checkpoint.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / TRAINER_STATE).read_text())
+
+
+def load_checkpoint(accelerator: Any, checkpoint: Path) -> None:
+    """``accelerator.load_state(checkpoint)``, with one clear error for a checkpoint that cannot be loaded.
+
+    Accelerate reads the weights from safetensors and the optimizer, scheduler and RNG pickles with
+    ``torch.load(weights_only=True)``, which refuses pickled code. It ignores an RNG file it cannot read, though,
+    and the resumed run would then silently differ from an uninterrupted one; so that file is read first here,
+    with the same safe loader, and any failure names the checkpoint.
+    """
+    from accelerate.utils import load as load_tensors_only  # torch.load(weights_only=True) + numpy RNG types
+
+    try:
+        load_tensors_only(checkpoint / f"random_states_{accelerator.process_index}.pkl")
+        accelerator.load_state(str(checkpoint))
+    except Exception as error:  # noqa: BLE001 - safetensors, unpickling and shape errors all mean the same here
+        detail = f"{type(error).__name__}: {error}"
+        raise ValueError(
+            f"--resume_from_checkpoint: cannot load {checkpoint} ({detail[:600]}). It is damaged, was written by "
+            "another model or configuration, or holds pickled objects other than tensors (refused for safety). "
+            "Resume from another checkpoint, or start the run anew."
+        ) from error
+
+
+def _is_disk_full(error: BaseException, directory: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC/EDQUOT anywhere in the chain (torch and safetensors wrap
+    it in their own errors, sometimes without the code), or almost nothing left on the device."""
+    current: BaseException | None = error
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(current) or "os error 28" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    try:
+        return shutil.disk_usage(directory).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..modeling.modeling_crossmetric import CrossMetricModel
+from .fault_points import fault_point
 from .metrics import retrieval_metrics
 from .transforms import attach_transform, build_transform, collate_fn
 
@@ -40,6 +41,7 @@ def embed_split(
         output = embedder(batch["pixel_values"].to(device))
         embeddings.append(output.pooler_output.float().cpu().numpy())
         labels.append(batch["labels"].numpy())
+        fault_point("evaluation")  # test hook (tests/test_faults.py): a no-op unless CROSSMETRIC_TEST_PAUSE is set
     embedder.train(was_training)
     return np.concatenate(embeddings), np.concatenate(labels)
 
