@@ -6,6 +6,7 @@ with gradients) while the head's pairs stay within each process's batch (DESIGN 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning
-from .checkpointing import complete_checkpoints, read_state, resolve_checkpoint, write_checkpoint
+from .checkpointing import complete_checkpoints, load_checkpoint, read_state, resolve_checkpoint, write_checkpoint
 from .config import TrainingConfig, write_text_atomic
 from .distributed import all_gather_labels, all_gather_with_gradient
 from .evaluation import evaluate_embedder
@@ -128,7 +129,7 @@ class CrossMetricTrainer:
         from .data import load_dml_dataset
 
         c = self.config
-        return load_dml_dataset(
+        dataset = load_dml_dataset(
             c.dataset,
             data_dir=c.data_dir,
             image_column=c.image_column,
@@ -137,6 +138,13 @@ class CrossMetricTrainer:
             seed=c.seed,
             validation_fraction=c.validation_fraction,
         )
+        if str(c.dataset).lower() == "glyphs":  # rendered by us: every image decodes
+            return dataset
+        from .image_loading import filter_unreadable
+
+        # Scraped data holds truncated or non-image files: drop them up front, not mid-run (it logs the count).
+        dataset, _ = filter_unreadable(dataset)
+        return dataset
 
     def _check_dataset(self) -> None:
         for split in ("train", self.config.eval_split):
@@ -359,7 +367,7 @@ class CrossMetricTrainer:
                 f"{checkpoint} was written by {state['num_processes']} processes; resume it with the same number "
                 f"(now {self.accelerator.num_processes}) so that the batch order continues exactly."
             )
-        self.accelerator.load_state(str(checkpoint))
+        load_checkpoint(self.accelerator, checkpoint)
         self.global_step = state["global_step"]
         self.epoch = state["epoch"]
         self.batches_done_in_epoch = state["batches_done_in_epoch"]
@@ -388,12 +396,20 @@ def _flat_config(config: TrainingConfig) -> dict[str, Any]:
 
 
 def _check_writable(directory: Path) -> None:
+    """Refuse an output directory that cannot be created or written, without creating anything (a refused
+    configuration leaves nothing behind): probe the nearest existing ancestor with a temporary file."""
+    import tempfile
+
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write-probe"
-        probe.write_text("ok")
-        probe.unlink()
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(existing))
+        with tempfile.TemporaryFile(dir=existing):
+            pass
     except OSError as error:
         raise ValueError(
-            f"--output_dir: cannot write to {directory} ({error.strerror}); choose a writable --output_dir."
+            f"--output_dir: cannot write to {directory} ({error.strerror}: {existing}); "
+            "choose a writable --output_dir."
         ) from error
