@@ -11,7 +11,7 @@ import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -165,6 +165,12 @@ class TrainingConfig:
         need(0 <= self.hflip <= 1, f"--hflip={self.hflip} must be a probability")
         need(0 < self.scale_min <= 1, f"--scale_min={self.scale_min} must lie in (0, 1]")
         need(self.save_total_limit >= 1, "--save_total_limit must be >= 1")
+        run_name = self.run_name or self.run_directory.relative_to(self.output_dir).as_posix()
+        need(
+            _stays_inside(run_name),
+            f"the run folder {run_name!r} (--run_name, by default made of --dataset and --backbone) must stay "
+            "inside --output_dir: no '..', no absolute path, no backslash or NUL byte",
+        )
         if problems:
             raise ValueError("Invalid training configuration:\n  - " + "\n  - ".join(problems))
         self.model_config()  # CrossMetricConfig validates the model fields, naming each
@@ -229,6 +235,12 @@ def load_config_values(recipe_or_yaml: str | None) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"--config {path}: unknown fields {unknown}; see `crossmetric train --help`.")
     return values
+
+
+def _stays_inside(name: str) -> bool:
+    """A run name is a relative path below the output directory (it becomes a folder name)."""
+    path = PurePosixPath(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts and not {"\x00", "\\"} & set(name)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
