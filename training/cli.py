@@ -7,6 +7,7 @@ with the cross-image-attention head, evaluated on unseen classes and exported to
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -142,6 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a user mistake (bad flag value, missing file): a clear message, no traceback
         print(f"crossmetric {command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a full disk or quota is no bug either: say what happened and how to go on (the message does)
+        print(f"crossmetric {command}: error: {error if error.filename else error.strerror}", file=sys.stderr)
+        return 1
 
 
 def _format(metrics: dict[str, float]) -> str:
