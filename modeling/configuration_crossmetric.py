@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 from transformers import PretrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 POOLINGS = ("avg", "gem", "max+avg", "cls", "mean")
 CIA_QUERIES = ("other", "self")
@@ -135,6 +140,28 @@ class CrossMetricConfig(PretrainedConfig):
         for field, is_valid, expected in rules:
             _check(field, getattr(self, field), is_valid, expected)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> CrossMetricConfig:
+        """Build from a ``config.json`` dict; refuse another model type, warn about fields we do not know.
+
+        transformers only warns when a folder of another model type is loaded into this class, and then every
+        weight stays randomly initialised: a silent garbage model, so that is an error here.
+        """
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != cls.model_type:
+            raise ValueError(
+                f"config.json has model_type={model_type!r}: this folder holds another kind of model, not a "
+                f"{cls.model_type} model (loading it as one would leave every weight random). Pass a folder written "
+                "by crossmetric (an export or a training checkpoint)."
+            )
+        unknown = sorted(set(config_dict) - _known_fields(cls))
+        if unknown:
+            logger.warning(
+                f"config.json has fields that {cls.__name__} does not know and ignores: {unknown}. Check them for "
+                "typos, or upgrade crossmetric if a newer version wrote this file."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def preprocessing(self) -> dict[str, Any]:
         """The preprocessing that travels with the weights, as the data transforms take it."""
@@ -150,6 +177,14 @@ class CrossMetricConfig(PretrainedConfig):
     def level_weights(self) -> list[float]:
         """w_l for every level (1.0 each unless configured)."""
         return list(self.cia_level_weights) if self.cia_level_weights is not None else [1.0] * self.cia_levels
+
+
+@functools.cache
+def _known_fields(config_class: type) -> frozenset[str]:
+    """Our ``__init__`` arguments, the fields every transformers config writes, and keys the Hub tools add."""
+    ours = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+    extra = {"auto_map", "custom_pipelines", "torch_dtype", "name_or_path", "_commit_hash", "attn_implementation"}
+    return frozenset(ours | set(PretrainedConfig().to_dict()) | extra)
 
 
 def _is_int(value: Any) -> bool:

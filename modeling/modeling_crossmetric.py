@@ -17,6 +17,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
@@ -89,6 +90,13 @@ class CrossMetricPreTrainedModel(PreTrainedModel):
         kwargs.setdefault("use_safetensors", True)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: its safetensors weights cannot be read ({error}); the file is "
+                "truncated or damaged. Export the model again, or download it again (force_download=True)."
+            ) from error
+        except ValueError as error:  # e.g. a hand-edited config.json: say which folder
+            raise ValueError(f"Loading {pretrained_model_name_or_path}: {error}") from error
         except OSError as error:
             folder = Path(str(pretrained_model_name_or_path))
             if kwargs["use_safetensors"] and folder.is_dir() and any(folder.glob("*.bin")):
