@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, save_embedder
@@ -79,7 +80,12 @@ def export_checkpoint(run_or_checkpoint: str | os.PathLike, output_dir: str | os
     weights = checkpoint / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{checkpoint} has no model.safetensors; is it a crossmetric training checkpoint?")
-    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+    except SafetensorError as error:
+        raise ValueError(f"{weights} cannot be read ({error}): the checkpoint is truncated or damaged.") from error
+    except RuntimeError as error:  # tensor shapes differ: another model or configuration
+        raise ValueError(f"{weights} does not match the model of {config_path}: {str(error)[:600]}") from error
     if missing or unexpected:
         raise ValueError(
             f"{weights} does not match the model of {config_path}: missing {missing[:5]}, unexpected {unexpected[:5]}."
