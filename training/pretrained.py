@@ -337,7 +337,8 @@ def _load_into_backbone(backbone: nn.Module, state_dict: dict[str, torch.Tensor]
     ]
     if problems:
         raise ValueError(
-            f"pretrained={source!r} does not fit the backbone {type(backbone).__name__}: " + "; ".join(problems)
+            f"pretrained={source!r} does not fit the backbone {type(backbone).__name__}: "
+            + "; ".join(problems)
             + ". Build the backbone as the architecture the weights were made for."
         )
     backbone.load_state_dict(weights, strict=True)
