@@ -77,16 +77,20 @@ class CrossMetricTrainer:
         from .losses import objective_from_config
 
         self.objective = objective_from_config(config, num_classes=num_classes)
-        self.sampler = ClassBalancedBatchSampler(
-            self.dataset["train"]["label"],
-            config.batch_size,
-            config.samples_per_class,
+        sampler_arguments = dict(
+            labels=self.dataset["train"]["label"],
+            batch_size=config.batch_size,
+            samples_per_class=config.samples_per_class,
             seed=config.seed,
             num_replicas=self.accelerator.num_processes,
             rank=self.accelerator.process_index,
             small_classes=config.small_classes,
-            num_batches=config.steps_per_epoch * self.accelerator.num_processes if config.steps_per_epoch else None,
         )
+        self.sampler = ClassBalancedBatchSampler(**sampler_arguments)
+        if config.steps_per_epoch and config.steps_per_epoch < len(self.sampler):  # a cap, not a floor
+            self.sampler = ClassBalancedBatchSampler(
+                **sampler_arguments, num_batches=config.steps_per_epoch * self.accelerator.num_processes
+            )
         train_transform = build_transform(
             self.model.config.preprocessing, train=True, hflip=config.hflip, scale=(config.scale_min, 1.0)
         )
