@@ -43,6 +43,16 @@ __all__ = [
 register_auto_classes()
 
 
+def _register_pipelines() -> None:
+    """``pipeline("image-retrieval", ...)`` works after ``import crossmetric``."""
+    from .training.retrieval_pipeline import register_retrieval_pipeline
+
+    register_retrieval_pipeline()
+
+
+_register_pipelines()
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY_EXPORTS:
         module = importlib.import_module(_LAZY_EXPORTS[name], __name__)

@@ -100,7 +100,7 @@ def index_command(argv: Sequence[str]) -> int:
         print("usage: crossmetric index build --model DIR --images FOLDER --output_dir DIR [--kind exact|hnsw|ivf]")
         return 2
     build = _subcommand(
-        ".retrieval_index", "add_index_build_arguments", "run_index_build", "crossmetric index build",
+        ".retrieval_cli", "add_index_build_arguments", "run_index_build", "crossmetric index build",
         "Embed a gallery (image folder or dataset) with an exported model and save a searchable index.",
     )
     return build(argv[1:])
@@ -119,7 +119,7 @@ HANDLERS: dict[str, Callable[[Sequence[str]], int]] = {
     ),
     "index": index_command,
     "search": _subcommand(
-        ".retrieval_index", "add_search_arguments", "run_search", "crossmetric search",
+        ".retrieval_cli", "add_search_arguments", "run_search", "crossmetric search",
         "Find the gallery images nearest to query images in a saved index.",
     ),
 }
