@@ -241,7 +241,7 @@ def load_benchmark(name: str, data_dir: str | os.PathLike | None) -> DatasetDict
         raise ValueError(f"Unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}.")
     if data_dir is None:
         raise ValueError(
-            f"{canonical} cannot be downloaded here: pass data_dir (--data-dir) pointing at a local copy."
+            f"{canonical} cannot be downloaded here: pass --data_dir pointing at a local copy."
         )
     if not Path(data_dir).expanduser().exists():
         raise FileNotFoundError(f"data_dir {data_dir} does not exist (needed for {canonical}).")
