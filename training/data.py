@@ -99,8 +99,14 @@ def _load_raw(dataset: Any, data_dir: str | os.PathLike | None) -> tuple[Dataset
     if kind == "saved":
         return load_from_disk(value), ""
     if kind == "folder":
-        if not any(p.is_dir() for p in Path(value).iterdir()):
+        folders = [p for p in Path(value).iterdir() if p.is_dir()]
+        if not folders:
             raise ValueError(f"Image folder {value} has no sub-folders: put each class's images in a sub-folder.")
+        if len(folders) == 1 and not any(p.is_dir() for p in folders[0].iterdir()):  # datasets then drops labels
+            raise ValueError(
+                f"Image folder {value} has 1 class ({folders[0].name}); DML needs at least 2 classes, one sub-folder "
+                "each."
+            )
         return load_dataset("imagefolder", data_dir=value), " (an image folder needs one sub-folder per class)"
     if _hub_offline():
         raise ValueError(
