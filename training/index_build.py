@@ -92,7 +92,9 @@ def dataset_records(
             else [None if v is None else str(v) for v in values]
         )
     paths = None
-    if isinstance(dataset.features[image_column], ImageFeature):
+    if getattr(dataset.features[image_column], "dtype", None) == "string":  # a column of file paths
+        paths = list(dataset[image_column])
+    elif isinstance(dataset.features[image_column], ImageFeature):
         raw = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
         paths = []
         for table in raw.with_format("arrow").iter(batch_size=1024):
@@ -201,7 +203,9 @@ def build_index_distributed(
 
     Each process embeds every ``num_processes``-th row starting at its ``process_index``; the main process merges
     the shards in the original order and saves the index to ``output_dir``. Returns the index on the main
-    process and None on the others (all return after the index is saved).
+    process and None on the others (all return after the index is saved). The shards are written next to
+    ``output_dir`` (``.<name>.shards/``), which must therefore be on a file system every process sees (always so
+    on one machine; on several, a shared file system).
     """
     from accelerate import Accelerator
 
