@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 import httpx2
 from huggingface_hub import CommitInfo, HfApi, constants, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def push_to_hub_folder(
             create_pr=create_pr,
             commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
         )
-    except (HfHubHTTPError, httpx2.HTTPError, RuntimeError, ValueError) as err:
+    except (HfHubHTTPError, httpx2.HTTPError, OfflineModeIsEnabled, RuntimeError, ValueError) as err:
         status = _status_of(err)
         what = f"HTTP {status}" if status is not None else type(err).__name__
         raise HubPushError(
