@@ -127,7 +127,10 @@ def load_checkpoint(accelerator: Any, checkpoint: Path) -> None:
         load_tensors_only(checkpoint / f"random_states_{accelerator.process_index}.pkl")
         accelerator.load_state(str(checkpoint))
     except Exception as error:  # noqa: BLE001 - safetensors, unpickling and shape errors all mean the same here
-        detail = f"{type(error).__name__}: {error}"
+        text = str(error)
+        if "WeightsUnpickler error:" in text:  # keep what torch refused, not its advice to unpickle anyway
+            text = text.split("WeightsUnpickler error:", 1)[1].split(" was not an allowed global")[0].strip()
+        detail = f"{type(error).__name__}: {text}"
         raise ValueError(
             f"--resume_from_checkpoint: cannot load {checkpoint} ({detail[:600]}). It is damaged, was written by "
             "another model or configuration, or holds pickled objects other than tensors (refused for safety). "
