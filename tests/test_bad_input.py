@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import _fault_helpers
+import _hub_server
 import numpy as np
 import pytest
 from _fault_helpers import TINY_RUN, cli_args, cli_env, mounted_tmpfs, one_thread, tiny_config, tree_digest
@@ -28,6 +29,8 @@ from transformers import BertConfig, BertModel
 from crossmetric import CrossMetricModel
 from crossmetric.training import cli
 from crossmetric.training.trainer import CrossMetricTrainer
+
+hub_server = _hub_server.hub_server  # the fixture, bound here so that pytest finds it
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +253,14 @@ def test_unknown_config_fields_are_named_in_a_warning(trained, tmp_path, caplog)
     with caplog.at_level(logging.WARNING):
         CrossMetricModel.from_pretrained(trained / "model")
     assert "does not know" not in caplog.text  # a normal export has no unknown field
+
+
+def test_push_while_the_hub_is_offline_says_so(trained, hub_server, monkeypatch, capsys) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = run_cli(capsys, "push", "--model", str(trained / "model"), "--repo-id", "tester/offline")
+    assert code == 1 and "offline mode is enabled" in err and "HF_HUB_OFFLINE" in err, err
+    assert hub_server.requests == []
