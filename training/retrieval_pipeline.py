@@ -72,16 +72,16 @@ class ImageRetrievalPipeline(Pipeline):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._check_image_processor()
         if self._postprocess_params.get("index") is None:
             self._postprocess_params["index"] = self._index_next_to_model()
-        self.image_processor_check()
 
     @property
     def index(self) -> Any:
         """The index searched when a call passes none."""
         return self._postprocess_params["index"]
 
-    def image_processor_check(self) -> None:
+    def _check_image_processor(self) -> None:
         if self.image_processor is None:
             raise ValueError(
                 "image-retrieval needs the model's image processor: the model folder has no preprocessor_config.json; "
