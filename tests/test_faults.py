@@ -307,3 +307,34 @@ def test_pause_points_pause_only_the_requested_occurrence(monkeypatch, capsys) -
     for name in ("evaluation", "checkpoint_write", "evaluation", "evaluation"):
         fault_points.fault_point(name)
     assert capsys.readouterr().out == "CROSSMETRIC_TEST_PAUSE evaluation #2\n"
+
+
+def test_a_kill_while_deleting_a_checkpoint_never_leaves_a_complete_looking_folder(tmp_path, monkeypatch) -> None:
+    """Replacing checkpoint-N (saved twice) or rotating old ones deletes folders; a kill half way through a
+    deletion must not leave a ``checkpoint-N`` that has its COMPLETE marker but lacks files."""
+    from crossmetric.training import checkpointing
+
+    def contents(folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(b"weights")
+
+    run = tmp_path / "run"
+    checkpointing.write_checkpoint(run, 1, contents, {"global_step": 1}, keep=1)
+    real_rmtree = shutil.rmtree
+
+    class Killed(BaseException):
+        pass
+
+    def rmtree_then_killed(path, ignore_errors=False):  # deletes one file of a folder, then the process is gone
+        if Path(path).exists():
+            (Path(path) / "model.safetensors").unlink(missing_ok=True)
+            monkeypatch.setattr(checkpointing.shutil, "rmtree", lambda *args, **kwargs: None)  # a dead process
+            raise Killed
+
+    for step in (1, 2):  # the same step saved again (replaces it), then a rotation (keep=1) of the older one
+        monkeypatch.setattr(checkpointing.shutil, "rmtree", rmtree_then_killed)
+        with pytest.raises(Killed):
+            checkpointing.write_checkpoint(run, step, contents, {"global_step": step}, keep=1)
+        monkeypatch.setattr(checkpointing.shutil, "rmtree", real_rmtree)
+        survivors = complete_checkpoints(run)
+        assert survivors[-1].name == f"checkpoint-{step}"
+        assert all((c / "model.safetensors").is_file() for c in survivors), survivors

@@ -70,6 +70,7 @@ def write_checkpoint(
     final = root / f"checkpoint-{step}"
     staging = root / f".checkpoint-{step}.partial"
     shutil.rmtree(staging, ignore_errors=True)
+    replaced = None
     try:
         staging.mkdir()
         write_contents(staging)
@@ -78,10 +79,12 @@ def write_checkpoint(
         _fsync_tree(staging)
         (staging / COMPLETE_MARKER).write_text("ok\n")
         _fsync_tree(staging)
-        _remove(final)  # the same step saved twice (save_steps and an epoch end)
+        replaced = _move_aside(final)  # the same step saved twice (save_steps and an epoch end)
         os.replace(staging, final)
     except BaseException as error:
         disk_full = isinstance(error, Exception) and _is_disk_full(error, root)
+        if replaced is not None and not final.exists():
+            os.replace(replaced, final)  # the swap failed: put the previous checkpoint back
         shutil.rmtree(staging, ignore_errors=True)
         if disk_full:
             last = complete_checkpoints(run_directory)
@@ -93,20 +96,21 @@ def write_checkpoint(
                 "resume with --resume_from_checkpoint latest.",
             ) from error
         raise
-    for old in complete_checkpoints(run_directory)[:-keep]:
-        _remove(old)
+    for doomed in [replaced, *map(_move_aside, complete_checkpoints(run_directory)[:-keep])]:
+        if doomed is not None:
+            shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
-def _remove(checkpoint: Path) -> None:
-    """Delete a checkpoint folder by renaming it out of the ``checkpoint-N`` namespace first: a run killed
-    half way through the deletion must not leave a folder that still looks complete but lacks files."""
+def _move_aside(checkpoint: Path) -> Path | None:
+    """Rename a checkpoint folder out of the ``checkpoint-N`` namespace, to be deleted afterwards: a run killed
+    half way through a deletion must not leave a folder that looks complete but lacks files."""
     if not checkpoint.exists():
-        return
+        return None
     doomed = checkpoint.with_name(f".{checkpoint.name}.deleting")
     shutil.rmtree(doomed, ignore_errors=True)
     os.replace(checkpoint, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    return doomed
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
