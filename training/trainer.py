@@ -29,6 +29,7 @@ from .checkpointing import complete_checkpoints, load_checkpoint, read_state, re
 from .config import TrainingConfig, write_text_atomic
 from .distributed import all_gather_labels, all_gather_with_gradient
 from .evaluation import evaluate_embedder
+from .fault_points import fault_point
 from .sampler import ClassBalancedBatchSampler
 from .transforms import attach_transform, build_transform, collate_fn
 
@@ -259,6 +260,7 @@ class CrossMetricTrainer:
                     bar.set_postfix(loss=f"{output.loss.item():.4f}")
                 if c.save_steps and self.global_step % c.save_steps == 0:
                     self._save_checkpoint()
+                fault_point("train_step")  # test hook (tests/test_faults.py): a no-op unless CROSSMETRIC_TEST_PAUSE
                 if self.global_step >= self.total_steps:
                     break
         bar.close()
