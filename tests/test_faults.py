@@ -89,11 +89,13 @@ def test_sigkill_in_a_checkpoint_write_in_evaluation_and_mid_epoch_then_resume_g
     assert "Resumed from" in second.output and "zero-shot" not in second.output
     assert resolve_checkpoint(run, "latest") == checkpoints / "checkpoint-6"
 
-    # 3. Resumed; killed in the middle of epoch 3, as soon as checkpoint-8 is complete (step 9 is under way).
-    third = start_cli("train", resume)
-    third.wait_until((checkpoints / "checkpoint-8" / "COMPLETE").exists, "checkpoint-8")
+    # 3. Resumed; killed in the middle of epoch 3, after step 8 (and its checkpoint), before step 9. The resumed run
+    # starts at the end of epoch 2 (checkpoint-6), so its optimizer steps are 7 (#1), 8 (#2) and 9.
+    third = start_cli("train", resume, CROSSMETRIC_TEST_PAUSE="train_step:2:600")
+    third.wait_for("CROSSMETRIC_TEST_PAUSE train_step #2")
     third.kill()
-    assert not (checkpoints / "checkpoint-9").exists()
+    assert resolve_checkpoint(run, "latest") == checkpoints / "checkpoint-8"
+    assert [r["step"] for r in log_records(run) if "loss" in r][-1] == 8
 
     # 4. Resumed to the end, in this process.
     with one_thread():

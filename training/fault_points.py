@@ -6,6 +6,8 @@ a test that reads the output kills the process with SIGKILL when the line appear
 
 - ``checkpoint_write``: a checkpoint's contents are in ``.checkpoint-STEP.partial``, not yet marked complete
   (:func:`crossmetric.training.checkpointing.write_checkpoint`);
+- ``train_step``: an optimizer step is done (and its ``save_steps`` checkpoint written), the next batch not yet
+  drawn (:meth:`crossmetric.training.trainer.CrossMetricTrainer._train_epoch`);
 - ``evaluation``: a batch of the evaluation split is embedded, the metrics are not computed yet
   (:func:`crossmetric.training.evaluation.embed_split`).
 
