@@ -104,8 +104,9 @@ def test_sigkill_in_a_checkpoint_write_in_evaluation_and_mid_epoch_then_resume_g
         ).train()
 
     assert resumed.global_step == reference.global_step == 9
-    final, expected = load_file(checkpoints / "checkpoint-9" / "model.safetensors"), load_file(
-        tmp_path / "reference" / "run" / "checkpoints" / "checkpoint-9" / "model.safetensors"
+    final, expected = (
+        load_file(checkpoints / "checkpoint-9" / "model.safetensors"),
+        load_file(tmp_path / "reference" / "run" / "checkpoints" / "checkpoint-9" / "model.safetensors"),
     )
     assert final.keys() == expected.keys()
     assert [key for key in final if not torch.equal(final[key], expected[key])] == []
