@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 # Reconstructed defaults (DESIGN §1) for the embedded glyph benchmark: small inputs (64 px), a small pretrained
-# backbone and 300 steps, so that the main job finishes in under 10 minutes on 2 CPU cores. The benchmark
+# backbone and 480 steps, so that the main job finishes in under 10 minutes on 2 CPU cores. The benchmark
 # (scripts/benchmark.py) trains the same recipe for 4 full epochs (--num_epochs 4 --steps_per_epoch 187).
 GLYPHS_RECIPE: dict[str, Any] = {}
 
@@ -117,8 +117,8 @@ class TrainingConfig:
     batch_size: int = field(default=64, metadata={"help": "images per batch per process (P x K)"})
     samples_per_class: int = field(default=4, metadata={"help": "K images per class in a batch"})
     small_classes: str = field(default="replace", metadata={"help": "classes with < K images: replace or drop"})
-    num_epochs: int = field(default=2, metadata={"help": "epochs"})
-    steps_per_epoch: int | None = field(default=150, metadata={"help": "most batches per epoch per process (0: all)"})
+    num_epochs: int = field(default=3, metadata={"help": "epochs"})
+    steps_per_epoch: int | None = field(default=160, metadata={"help": "most batches per epoch per process (0: all)"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: epochs)"})
     eval_every_epochs: int = field(default=0, metadata={"help": "evaluate every N epochs (0: only at the end)"})
     eval_batch_size: int = field(default=256, metadata={"help": "batch size for embedding evaluation images"})
