@@ -252,7 +252,7 @@ def save_embedder(
             if Path(name).name != name or name in ("", ".", ".."):
                 raise ValueError(f"extra file name {name!r} must be a plain file name inside the export folder.")
             (staging / name).write_text(text, encoding="utf-8")
-        _replace_directory(staging, target)
+        replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -261,8 +261,10 @@ def save_embedder(
     return target
 
 
-def _replace_directory(staging: Path, target: Path) -> None:
-    """Swap ``staging`` into ``target``: the old folder is moved aside first and removed only after the swap."""
+def replace_directory(staging: Path, target: Path) -> None:
+    """Swap ``staging`` into ``target``: the old folder is moved aside first and removed only after the swap.
+
+    Shared by every atomic folder write (exports here, retrieval indexes in ``training/index_files.py``)."""
     backup = None
     if target.exists():
         backup = target.with_name(f".{target.name}.old-{os.getpid()}")

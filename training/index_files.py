@@ -16,14 +16,14 @@ index readable.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 from safetensors.numpy import load_file
+
+from ..modeling.modeling_crossmetric import replace_directory
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
@@ -41,14 +41,7 @@ class IndexFormatError(ValueError):
 
 def swap_in(staging: Path, target: Path) -> None:
     """Move ``staging`` to ``target``; an existing ``target`` is moved aside first and deleted only afterwards."""
-    backup = None
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(target, backup)
-    os.replace(staging, target)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    replace_directory(staging, target)
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
