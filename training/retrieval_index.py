@@ -271,7 +271,10 @@ class EmbeddingIndex:
             params = faiss.SearchParametersHNSW(efSearch=int(ef_search))
         elif nprobe is not None and self.kind == "ivf":
             params = faiss.SearchParametersIVF(nprobe=int(nprobe))
-        scores, rows = self.faiss_index.search(queries, min(int(k), len(self)), params=params)
+        # faiss.contrib.torch_utils (imported by e.g. pytorch-metric-learning) replaces ``search`` with a wrapper that
+        # drops ``params``; the numpy original stays reachable as ``search_numpy``.
+        search = getattr(self.faiss_index, "search_numpy", self.faiss_index.search)
+        scores, rows = search(queries, min(int(k), len(self)), params=params)
         return scores, rows
 
     def search(
