@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -30,6 +29,7 @@ from .config import TrainingConfig, write_text_atomic
 from .distributed import all_gather_labels, all_gather_with_gradient
 from .evaluation import evaluate_embedder
 from .fault_points import fault_point
+from .optimization import batchnorm_layers, build_optimizer, freeze_batchnorm_parameters
 from .sampler import ClassBalancedBatchSampler
 from .transforms import attach_transform, build_transform, collate_fn
 
@@ -107,8 +107,8 @@ class CrossMetricTrainer:
         batches_per_epoch = len(self.sampler) // config.gradient_accumulation_steps
         self.total_steps = config.max_steps if config.max_steps > 0 else batches_per_epoch * config.num_epochs
         if config.freeze_batchnorm:
-            self._freeze_batchnorm_parameters()
-        self.optimizer = self._build_optimizer()
+            freeze_batchnorm_parameters(self.model)
+        self.optimizer = build_optimizer(self.model, self.objective, config)
         self.scheduler = get_scheduler(
             config.lr_scheduler_type,
             self.optimizer,
@@ -172,21 +172,6 @@ class CrossMetricTrainer:
 
             load_pretrained_backbone(model, c.pretrained)
         return model
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        c = self.config
-        groups = [
-            {"params": list(self.model.embedder.backbone.parameters()), "lr": c.backbone_learning_rate},
-            {"params": list(self.model.embedder.embedding.parameters()), "lr": c.learning_rate},
-        ]
-        if self.model.head is not None:
-            groups.append({"params": list(self.model.head.parameters()), "lr": c.head_learning_rate})
-        loss_parameters = list(self.objective.parameters())
-        if loss_parameters:
-            groups.append({"params": loss_parameters, "lr": c.loss_learning_rate, "weight_decay": 0.0})
-        groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
-        optimizer_class = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
-        return optimizer_class(groups, lr=c.learning_rate, weight_decay=c.weight_decay)
 
     # ----------------------------------------------------------------------------------------------- training
     def train(self) -> TrainingResult:
@@ -291,16 +276,8 @@ class CrossMetricTrainer:
         self.model.train()
         self.objective.train()
         if self.config.freeze_batchnorm:  # the standard R50 recipe: BatchNorm statistics stay fixed
-            for module in self.accelerator.unwrap_model(self.model).modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-
-    def _freeze_batchnorm_parameters(self) -> None:
-        """BatchNorm affine parameters are not trained (set before DDP wrapping, which must not see them)."""
-        for module in self.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                for parameter in module.parameters():
-                    parameter.requires_grad_(False)
+            for module in batchnorm_layers(self.accelerator.unwrap_model(self.model)):
+                module.eval()
 
     def _log_step(self, output: Any) -> None:
         record = {
