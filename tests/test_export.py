@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _remote_code import embed_with_remote_code
 from PIL import Image
 from safetensors import safe_open
 from transformers import AutoImageProcessor, AutoModel, pipeline
@@ -72,27 +70,8 @@ def test_trust_remote_code_reload_works_where_crossmetric_cannot_be_imported(exp
     model, directory = exported
     expected = reference_embeddings(model, directory, images)
     pixel_values = AutoImageProcessor.from_pretrained(directory)(images, return_tensors="pt")["pixel_values"]
-    torch.save(pixel_values, tmp_path / "pixels.pt")
-    script = f"""
-import importlib.abc, sys
-class BlockCrossmetric(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "crossmetric" or name.startswith("crossmetric."):
-            raise ImportError("crossmetric is blocked in this process")
-sys.meta_path.insert(0, BlockCrossmetric())
-import torch
-from transformers import AutoModel
-model = AutoModel.from_pretrained({str(directory)!r}, trust_remote_code=True).eval()
-assert "crossmetric" not in sys.modules
-assert model.__class__.__module__.startswith("transformers_modules"), model.__class__.__module__
-with torch.no_grad():
-    out = model(torch.load({str(tmp_path / "pixels.pt")!r})).pooler_output
-torch.save(out, {str(tmp_path / "out.pt")!r})
-"""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-5, rtol=0)
+    got = embed_with_remote_code(directory, pixel_values, tmp_path)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_stock_image_feature_extraction_pipeline_gives_the_model_embeddings(exported, images) -> None:

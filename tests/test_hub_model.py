@@ -7,14 +7,11 @@ where crossmetric cannot be imported (the exported folder carries the modeling f
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import _hub_server
 import pytest
 import torch
 import transformers.utils.hub
+from _remote_code import embed_with_remote_code
 from transformers import AutoModel
 
 from crossmetric import CrossMetricConfig, CrossMetricForMetricLearning, CrossMetricModel
@@ -48,27 +45,8 @@ def test_push_then_automodel_from_the_hub_gives_identical_embeddings(hub_server,
         assert isinstance(reloaded, CrossMetricModel)
         torch.testing.assert_close(reloaded(pixels).pooler_output, expected, atol=1e-6, rtol=0)
 
-    torch.save(pixels, tmp_path / "pixels.pt")
-    script = f"""
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "crossmetric" or name.startswith("crossmetric."):
-            raise ImportError("blocked")
-sys.meta_path.insert(0, Block())
-import pytest
-import torch
-import transformers.utils.hub
-from transformers import AutoModel
-model = AutoModel.from_pretrained("tester/tiny-embedder", trust_remote_code=True).eval()
-assert model.__class__.__module__.startswith("transformers_modules"), model.__class__.__module__
-with torch.no_grad():
-    torch.save(model(torch.load({str(tmp_path / "pixels.pt")!r})).pooler_output, {str(tmp_path / "out.pt")!r})
-"""
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-6, rtol=0)
+    got = embed_with_remote_code("tester/tiny-embedder", pixels, tmp_path)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     assert not hub_server.token_exposures()
 
 
