@@ -19,15 +19,15 @@ __version__ = "0.1.0"
 
 # name -> module (relative to this package) that defines it; loaded on first access.
 _LAZY_EXPORTS: dict[str, str] = {
-    "retrieval_metrics": ".training.metrics",
-    "query_gallery_metrics": ".training.metrics",
-    "ClassBalancedBatchSampler": ".training.sampler",
-    "load_dml_dataset": ".training.data",
-    "EmbeddingIndex": ".training.retrieval_index",
-    "ImageRetrievalPipeline": ".training.retrieval_pipeline",
+    "retrieval_metrics": ".evaluation.metrics",
+    "query_gallery_metrics": ".evaluation.metrics",
+    "ClassBalancedBatchSampler": ".training.data.sampler",
+    "load_dml_dataset": ".training.data.dml_dataset",
+    "EmbeddingIndex": ".retrieval.index",
+    "ImageRetrievalPipeline": ".retrieval.pipeline",
     "TrainingConfig": ".training.config",
     "CrossMetricTrainer": ".training.trainer",
-    "push_to_hub": ".training.hub",
+    "push_to_hub": ".hub.push",
 }
 
 __all__ = [
@@ -45,7 +45,7 @@ register_auto_classes()
 
 def _register_pipelines() -> None:
     """``pipeline("image-retrieval", ...)`` works after ``import crossmetric``."""
-    from .training.retrieval_pipeline import register_retrieval_pipeline
+    from .retrieval.pipeline import register_retrieval_pipeline
 
     register_retrieval_pipeline()
 
@@ -61,5 +61,5 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .training.metrics import query_gallery_metrics, retrieval_metrics  # noqa: F401
-    from .training.sampler import ClassBalancedBatchSampler  # noqa: F401
+    from .evaluation.metrics import query_gallery_metrics, retrieval_metrics  # noqa: F401
+    from .training.data.sampler import ClassBalancedBatchSampler  # noqa: F401

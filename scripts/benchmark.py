@@ -70,7 +70,7 @@ def train(row: str, seed: int, args: argparse.Namespace, extra: list[str]) -> di
         return json.loads(summary_path.read_text())
     log_path = args.output_dir / "logs" / f"{row}-seed{seed}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "crossmetric.training.cli", "train", *run_arguments(row, seed, args, extra)]
+    command = [sys.executable, "-m", "crossmetric.cli", "train", *run_arguments(row, seed, args, extra)]
     started = time.perf_counter()
     with open(log_path, "w") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())

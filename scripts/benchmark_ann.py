@@ -29,7 +29,7 @@ import time
 import faiss
 import numpy as np
 
-from crossmetric.training.retrieval_index import EmbeddingIndex
+from crossmetric.retrieval.index import EmbeddingIndex
 
 
 def make_data(kind: str, n: int, dim: int, clusters: int, spread: float, rng: np.random.Generator) -> np.ndarray:

@@ -61,7 +61,7 @@ def worker(method: str, data_path: str, nmi: bool) -> dict:
     import torch
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-    from crossmetric.training.metrics import retrieval_metrics
+    from crossmetric.evaluation.metrics import retrieval_metrics
 
     rss_imports = current_rss_mib()
     with np.load(data_path) as data:

@@ -21,13 +21,17 @@ import torch
 from torch import nn
 
 from crossmetric import CrossMetricConfig, CrossMetricForMetricLearning
-from crossmetric.training.losses import build_objective
+from crossmetric.training.losses.registry import build_objective
 
 
 def build(args: argparse.Namespace, levels: int, width: int, device: torch.device):
     config = CrossMetricConfig(
-        backbone=args.backbone, embedding_dim=args.embedding_dim, image_size=args.image_size, cia_levels=levels,
-        cia_dim=width, cia_heads=args.cia_heads,
+        backbone=args.backbone,
+        embedding_dim=args.embedding_dim,
+        image_size=args.image_size,
+        cia_levels=levels,
+        cia_dim=width,
+        cia_heads=args.cia_heads,
     )
     model = CrossMetricForMetricLearning(config).to(device).train()
     for module in model.modules():  # frozen BatchNorm, as the R50 recipe
@@ -95,7 +99,9 @@ def main() -> None:
             off.append(timed(baseline))
             on.append(timed(head_on))
         row = {
-            "cia_dim": width, "cia_levels": args.cia_levels, "head_off_seconds": statistics.median(off),
+            "cia_dim": width,
+            "cia_levels": args.cia_levels,
+            "head_off_seconds": statistics.median(off),
             "head_on_seconds": statistics.median(on),
         }
         row["ratio"] = row["head_on_seconds"] / row["head_off_seconds"]

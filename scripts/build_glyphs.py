@@ -59,7 +59,7 @@ from PIL import features as pil_features
 from tqdm.auto import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "training" / "glyphs"
+DEFAULT_OUT = REPO_ROOT / "training" / "data" / "glyphs_data"
 FONT_ROOT = Path("/usr/share/fonts")
 
 

@@ -131,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from crossmetric.training.glyphs import load_glyphs
+    from crossmetric.training.data.embedded import load_glyphs
 
     test = load_glyphs()["test"]
     labels = torch.tensor(test["label"])

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 from crossmetric.training.config import TrainingConfig
 from crossmetric.training.distributed import all_gather_labels, all_gather_with_gradient
-from crossmetric.training.losses import objective_from_config
+from crossmetric.training.losses.registry import objective_from_config
 
 accelerator = Accelerator()
 rank, world = accelerator.process_index, accelerator.num_processes

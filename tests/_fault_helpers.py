@@ -122,7 +122,7 @@ class Process:
 
 
 def start_cli(command: str, args: list[str], **env: str) -> Process:
-    return Process([sys.executable, "-m", "crossmetric.training.cli", command, *args], cli_env(**env))
+    return Process([sys.executable, "-m", "crossmetric.cli", command, *args], cli_env(**env))
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -8,9 +8,30 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 TINY_RUN_ARGS = [
-    "--backbone", "test_resnet", "--pretrained", "none", "--image_size", "32", "--embedding_dim", "16",
-    "--cia_dim", "16", "--cia_heads", "2", "--batch_size", "8", "--samples_per_class", "2",
-    "--eval_batch_size", "32", "--warmup_steps", "0", "--progress", "False", "--split_strategy", "sorted",
+    "--backbone",
+    "test_resnet",
+    "--pretrained",
+    "none",
+    "--image_size",
+    "32",
+    "--embedding_dim",
+    "16",
+    "--cia_dim",
+    "16",
+    "--cia_heads",
+    "2",
+    "--batch_size",
+    "8",
+    "--samples_per_class",
+    "2",
+    "--eval_batch_size",
+    "32",
+    "--warmup_steps",
+    "0",
+    "--progress",
+    "False",
+    "--split_strategy",
+    "sorted",
 ]
 
 

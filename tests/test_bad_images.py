@@ -17,12 +17,17 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from crossmetric.training.image_loading import SkippedImages, filter_unreadable, load_rgb_image
-from crossmetric.training.sampler import ClassBalancedBatchSampler
-from crossmetric.training.transforms import attach_transform, build_transform, collate_fn
+from crossmetric.training.data.image_loading import SkippedImages, filter_unreadable, load_rgb_image
+from crossmetric.training.data.sampler import ClassBalancedBatchSampler
+from crossmetric.training.data.transforms import attach_transform, build_transform, collate_fn
 
-PREPROCESSING = {"image_size": 16, "image_mean": (0.5,) * 3, "image_std": (0.5,) * 3,
-                 "interpolation": "bicubic", "crop_pct": 0.875}
+PREPROCESSING = {
+    "image_size": 16,
+    "image_mean": (0.5,) * 3,
+    "image_std": (0.5,) * 3,
+    "interpolation": "bicubic",
+    "crop_pct": 0.875,
+}
 
 
 def truncated_jpeg(path: Path, size: int = 600) -> Path:
@@ -36,6 +41,7 @@ def truncated_jpeg(path: Path, size: int = 600) -> Path:
 
 def png_header_only(path: Path, width: int, height: int) -> Path:
     """A PNG declaring width x height (8-bit RGB) with no pixel data: costs bytes, not gigabytes."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -155,8 +161,11 @@ def make_dataset(tmp_path: Path) -> tuple[Dataset, list[str]]:
             Image.new("RGB", (10, 8), (40 * c, 10 * i, 0)).save(path)
             paths.append(str(path))
             labels.append(c)
-    bad = [str(truncated_jpeg(tmp_path / "bad_truncated.jpg")), str(tmp_path / "bad_empty.jpg"),
-           str(tmp_path / "bad_text.jpg")]
+    bad = [
+        str(truncated_jpeg(tmp_path / "bad_truncated.jpg")),
+        str(tmp_path / "bad_empty.jpg"),
+        str(tmp_path / "bad_text.jpg"),
+    ]
     Path(bad[1]).write_bytes(b"")
     Path(bad[2]).write_text("<html>not found</html>")
     features = Features({"image": ImageFeature(), "label": ClassLabel(num_classes=6)})

@@ -27,7 +27,7 @@ from test_bad_images import png_header_only, truncated_jpeg
 from transformers import BertConfig, BertModel
 
 from crossmetric import CrossMetricModel
-from crossmetric.training import cli
+from crossmetric.cli import main as cli
 from crossmetric.training.trainer import CrossMetricTrainer
 
 hub_server = _hub_server.hub_server  # the fixture, bound here so that pytest finds it
@@ -163,7 +163,7 @@ def test_unwritable_output_directory_is_refused_before_any_work(shapes, tmp_path
 
 
 def test_bad_configuration_in_a_real_process_exits_2_without_traceback(shapes, tmp_path) -> None:
-    argv = [sys.executable, "-m", "crossmetric.training.cli", "train", *cli_args({**TINY_RUN, "dataset": str(shapes)})]
+    argv = [sys.executable, "-m", "crossmetric.cli", "train", *cli_args({**TINY_RUN, "dataset": str(shapes)})]
     argv += ["--output_dir", str(tmp_path / "out"), "--batch_size", "10", "--samples_per_class", "4"]
     result = subprocess.run(argv, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]

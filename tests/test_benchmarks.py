@@ -12,7 +12,7 @@ from _fixtures import make_cars, make_cub, make_inshop, make_sop
 from datasets import ClassLabel
 from PIL import Image
 
-from crossmetric.training.benchmarks import (
+from crossmetric.training.data.benchmarks import (
     benchmark_name,
     load_benchmark,
     load_cars196,
@@ -20,7 +20,7 @@ from crossmetric.training.benchmarks import (
     load_inshop,
     load_sop,
 )
-from crossmetric.training.data import load_dml_dataset
+from crossmetric.training.data.dml_dataset import load_dml_dataset
 
 
 def classes(split) -> set[int]:
@@ -88,8 +88,12 @@ def test_load_dml_dataset_dispatches_benchmarks(tmp_path):
 
 @pytest.mark.parametrize(
     ("loader", "missing"),
-    [(load_cub200, "images.txt"), (load_cars196, "cars_annos.mat"), (load_sop, "Ebay_train.txt"),
-     (load_inshop, "list_eval_partition.txt")],
+    [
+        (load_cub200, "images.txt"),
+        (load_cars196, "cars_annos.mat"),
+        (load_sop, "Ebay_train.txt"),
+        (load_inshop, "list_eval_partition.txt"),
+    ],
 )
 def test_missing_annotation_file_is_named(tmp_path, loader, missing):
     with pytest.raises(FileNotFoundError, match=missing) as info:

@@ -17,7 +17,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from crossmetric import load_dml_dataset
-from crossmetric.training.data import describe_dataset, resolve_dataset_name
+from crossmetric.training.data.dml_dataset import describe_dataset, resolve_dataset_name
 
 
 def classes(split) -> set[int]:
@@ -64,8 +64,13 @@ def test_official_split_that_shares_classes_is_refused(tmp_path):
 
 def test_dataset_object_with_string_labels_and_other_column_names():
     species = ["wren", "auk", "tern", "owl", "kite", "rail"]
-    ds = Dataset.from_dict({"img": [pil(c) for c in range(6) for _ in range(2)],
-                            "species": [s for s in species for _ in range(2)], "image": ["x"] * 12})
+    ds = Dataset.from_dict(
+        {
+            "img": [pil(c) for c in range(6) for _ in range(2)],
+            "species": [s for s in species for _ in range(2)],
+            "image": ["x"] * 12,
+        }
+    )
     dd = load_dml_dataset(ds, image_column="img", label_column="species")
     assert set(dd["train"].column_names) == {"image", "label"}
     assert dd["train"].features["label"].names == sorted(species)
@@ -97,8 +102,10 @@ def test_validation_split_is_carved_from_train_classes():
 
 
 def test_saved_dataset_and_dataset_dict(tmp_path):
-    ds = Dataset.from_dict({"image": [pil(i) for i in range(8)], "label": [0, 0, 1, 1, 2, 2, 3, 3]},
-                           features=Features({"image": ImageFeature(), "label": ClassLabel(names=list("abcd"))}))
+    ds = Dataset.from_dict(
+        {"image": [pil(i) for i in range(8)], "label": [0, 0, 1, 1, 2, 2, 3, 3]},
+        features=Features({"image": ImageFeature(), "label": ClassLabel(names=list("abcd"))}),
+    )
     ds.save_to_disk(tmp_path / "single")
     assert len(load_dml_dataset(tmp_path / "single")["test"]) == 4
     DatasetDict(train=ds.select(range(4)), test=ds.select(range(4, 8))).save_to_disk(tmp_path / "both")
@@ -138,9 +145,9 @@ def test_degenerate_datasets_raise_or_warn(caplog):
 
 def test_glyphs_are_loaded_lazily(monkeypatch):
     ds = Dataset.from_dict({"image": [pil(i) for i in range(8)], "label": [0, 0, 1, 1, 2, 2, 3, 3]})
-    fake = types.ModuleType("crossmetric.training.glyphs")
+    fake = types.ModuleType("crossmetric.training.data.embedded")
     fake.load_glyphs = lambda: DatasetDict(train=ds.select(range(4)), test=ds.select(range(4, 8)))
-    monkeypatch.setitem(sys.modules, "crossmetric.training.glyphs", fake)
+    monkeypatch.setitem(sys.modules, "crossmetric.training.data.embedded", fake)
     dd = load_dml_dataset("glyphs")
     assert (len(dd["train"]), len(dd["test"])) == (4, 4)
 

@@ -61,7 +61,7 @@ def test_two_process_training_run_saves_a_checkpoint(tmp_path) -> None:
     shapes = make_shapes_folder(tmp_path / "shapes")
     args = [
         "-m",
-        "crossmetric.training.cli",
+        "crossmetric.cli",
         "train",
         *TINY_RUN_ARGS,
         "--dataset",

@@ -21,16 +21,16 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from crossmetric.cli.evaluate import load_training_checkpoint, resolve_model
+from crossmetric.cli.main import main
+from crossmetric.evaluation.attention_maps import pair_attention, select_pairs, token_grid, upsample_map
+from crossmetric.evaluation.evaluator import embed_split
+from crossmetric.evaluation.metrics import query_gallery_metrics, retrieval_metrics
+from crossmetric.evaluation.reports import nearest_neighbours, recall_at_k_curve, sample_queries
 from crossmetric.modeling.configuration_crossmetric import CrossMetricConfig
 from crossmetric.modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel
-from crossmetric.training.attention_maps import pair_attention, select_pairs, token_grid, upsample_map
-from crossmetric.training.cli import main
 from crossmetric.training.config import TrainingConfig
-from crossmetric.training.data import load_dml_dataset
-from crossmetric.training.evaluate_command import load_training_checkpoint, resolve_model
-from crossmetric.training.evaluation import embed_split
-from crossmetric.training.metrics import query_gallery_metrics, retrieval_metrics
-from crossmetric.training.reports import nearest_neighbours, recall_at_k_curve, sample_queries
+from crossmetric.training.data.dml_dataset import load_dml_dataset
 from crossmetric.training.trainer import CrossMetricTrainer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -71,9 +71,19 @@ def run(shapes, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("runs")
     CrossMetricTrainer(
         TrainingConfig(
-            dataset=str(shapes), pretrained="none", image_size=64, batch_size=6, samples_per_class=2, num_epochs=1,
-            progress=False, split_strategy="sorted", output_dir=str(output), run_name="run", eval_batch_size=32,
-            warmup_steps=0, **TINY,
+            dataset=str(shapes),
+            pretrained="none",
+            image_size=64,
+            batch_size=6,
+            samples_per_class=2,
+            num_epochs=1,
+            progress=False,
+            split_strategy="sorted",
+            output_dir=str(output),
+            run_name="run",
+            eval_batch_size=32,
+            warmup_steps=0,
+            **TINY,
         )
     ).train()
     return output / "run"
@@ -103,9 +113,24 @@ def test_report_metrics_and_pictures(shapes, exports, run, tmp_path) -> None:
     out = tmp_path / "eval"
     model, baseline = exports
     rc = _evaluate(
-        "--model", str(model), "--dataset", str(shapes), "--output_dir", str(out), "--batch_size", "5",
-        "--baseline_model", str(baseline), "--checkpoint", str(run), "--num_queries", "4", "--top_k", "3",
-        "--attention_pairs", "2",
+        "--model",
+        str(model),
+        "--dataset",
+        str(shapes),
+        "--output_dir",
+        str(out),
+        "--batch_size",
+        "5",
+        "--baseline_model",
+        str(baseline),
+        "--checkpoint",
+        str(run),
+        "--num_queries",
+        "4",
+        "--top_k",
+        "3",
+        "--attention_pairs",
+        "2",
     )
     assert rc == 0
     test_split = load_dml_dataset(str(shapes), split_strategy="sorted")["test"]
@@ -145,8 +170,21 @@ def test_run_folder_as_model_uses_its_export_and_query_gallery_protocol(shapes, 
         gallery=split([(p, c) for c in range(2, 6) for p in files[c][2:]]),
     ).save_to_disk(str(saved))
     out = tmp_path / "eval"
-    args = ("--model", str(run), "--dataset", str(saved), "--output_dir", str(out), "--ks", "1", "4",
-            "--num_queries", "2", "--top_k", "2")
+    args = (
+        "--model",
+        str(run),
+        "--dataset",
+        str(saved),
+        "--output_dir",
+        str(out),
+        "--ks",
+        "1",
+        "4",
+        "--num_queries",
+        "2",
+        "--top_k",
+        "2",
+    )
     assert _evaluate(*args, split_strategy="official") == 0
     loaded = load_dml_dataset(str(saved))
     queries = _reference(run / "model", loaded["query"], 256)

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import evaluate  # noqa: E402  (after the offline switches)
 
-from crossmetric.training.metrics import (  # noqa: E402
+from crossmetric.evaluation.metrics import (  # noqa: E402
     EVALUATE_METRIC_PATH,
     load_evaluate_metric,
     query_gallery_metrics,

@@ -34,10 +34,10 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file
 
 from crossmetric import CrossMetricConfig, CrossMetricForMetricLearning, CrossMetricModel
+from crossmetric.hub.push import HubPushError, push_to_hub_folder
 from crossmetric.modeling import modeling_crossmetric
-from crossmetric.training import cli
+from crossmetric.cli import main as cli
 from crossmetric.training.checkpointing import complete_checkpoints, resolve_checkpoint
-from crossmetric.training.hub import HubPushError, push_to_hub_folder
 from crossmetric.training.trainer import CrossMetricTrainer
 
 hub_server = _hub_server.hub_server  # the fixture, bound here so that pytest finds it

@@ -15,7 +15,7 @@ from _remote_code import embed_with_remote_code
 from transformers import AutoModel
 
 from crossmetric import CrossMetricConfig, CrossMetricForMetricLearning, CrossMetricModel
-from crossmetric.training.hub import push_to_hub_folder
+from crossmetric.hub.push import push_to_hub_folder
 
 hub_server = _hub_server.hub_server
 

@@ -13,7 +13,7 @@ from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.distances import CosineSimilarity
 
 from crossmetric.modeling.multi_similarity import multi_similarity_loss
-from crossmetric.training.losses import (
+from crossmetric.training.losses.registry import (
     LOSSES,
     CircleLoss,
     ContrastiveLoss,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-from crossmetric.training.metrics import cluster_nmi, query_gallery_metrics, retrieval_metrics
-from crossmetric.training.nearest_neighbors import canonical_topk
+from crossmetric.evaluation.metrics import cluster_nmi, query_gallery_metrics, retrieval_metrics
+from crossmetric.evaluation.nearest_neighbors import canonical_topk
 
 torch.set_num_threads(1)
 BACKENDS = [pytest.param(True, id="faiss"), pytest.param(False, id="torch")]

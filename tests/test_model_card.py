@@ -12,7 +12,7 @@ from huggingface_hub.repocard import metadata_load
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
 from crossmetric import CrossMetricConfig
-from crossmetric.training.model_card import (
+from crossmetric.model_cards.model_card import (
     CIA_CITATION,
     DEFAULT_TAGS,
     CrossMetricModelCardData,

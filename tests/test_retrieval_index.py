@@ -17,9 +17,9 @@ from _hub_server import hub_server  # noqa: F401 - pytest fixture
 from _retrieval_fixtures import brute_force, embed_reference, export_tiny_model, make_class_folder
 from safetensors.numpy import save_file
 
-import crossmetric.training.retrieval_index as retrieval_index
-from crossmetric.training.index_files import IndexFormatError
-from crossmetric.training.retrieval_index import EmbeddingIndex
+import crossmetric.retrieval.index as retrieval_index
+from crossmetric.retrieval.index import EmbeddingIndex
+from crossmetric.retrieval.storage import IndexFormatError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,7 +205,7 @@ def test_an_interrupted_save_leaves_the_previous_index_readable(tmp_path: Path, 
 
 # -- Hub --------------------------------------------------------------------------------------------------------
 def test_hub_round_trip_next_to_the_model(tmp_path: Path, hub_server, monkeypatch) -> None:  # noqa: F811
-    from crossmetric.training.hub import push_to_hub_folder
+    from crossmetric.hub.push import push_to_hub_folder
 
     monkeypatch.setenv("HF_TOKEN", hub_server.token)
     repo = "tester/retrieval"
@@ -291,7 +291,7 @@ def test_two_process_build_equals_the_single_process_build(tmp_path: Path) -> No
             import sys, torch
             from accelerate import Accelerator
             torch.set_num_threads(1)
-            from crossmetric.training.index_build import build_index_distributed
+            from crossmetric.retrieval.build import build_index_distributed
             accelerator = Accelerator()
             index = build_index_distributed(
                 sys.argv[1], sys.argv[2], sys.argv[3], batch_size=3, progress=False, accelerator=accelerator

@@ -13,14 +13,14 @@ import pytest
 from _retrieval_fixtures import brute_force, embed_reference, export_tiny_model, make_class_folder, write_image
 from transformers import pipeline
 
-from crossmetric.training.retrieval_cli import (
+from crossmetric.cli.retrieval import (
     add_index_build_arguments,
     add_search_arguments,
     run_index_build,
     run_search,
 )
-from crossmetric.training.retrieval_index import EmbeddingIndex
-from crossmetric.training.retrieval_pipeline import (
+from crossmetric.retrieval.index import EmbeddingIndex
+from crossmetric.retrieval.pipeline import (
     ImageRetrievalPipeline,
     add_retrieval_pipeline_to_config,
     register_retrieval_pipeline,

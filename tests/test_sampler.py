@@ -152,13 +152,13 @@ def test_accepts_tensor_and_string_labels():
 
 
 def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         sampler = ClassBalancedBatchSampler(LABELS, batch_size=8, samples_per_class=2, seed=5)  # rank from dist
-        torch.save({"rank": sampler.rank, "replicas": sampler.num_replicas, "batches": list(sampler)},
-                   f"{out_dir}/rank{rank}.pt")
+        torch.save(
+            {"rank": sampler.rank, "replicas": sampler.num_replicas, "batches": list(sampler)},
+            f"{out_dir}/rank{rank}.pt",
+        )
     finally:
         torch.distributed.destroy_process_group()
 

@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, pipeline
 
 from crossmetric import CrossMetricForMetricLearning, CrossMetricModel
 from crossmetric.modeling.modeling_crossmetric import save_embedder
-from crossmetric.training import cli
+from crossmetric.cli import main as cli
 
 hub_server = _hub_server.hub_server  # the fixture, bound here so that pytest finds it
 
@@ -127,7 +127,7 @@ def test_export_extra_file_names_cannot_leave_the_export(trained, tmp_path, name
 
 
 def test_index_ids_labels_and_paths_are_data_never_file_names(tmp_path) -> None:
-    from crossmetric.training.retrieval_index import EmbeddingIndex
+    from crossmetric.retrieval.index import EmbeddingIndex
 
     hostile = ["../../escaped", "/tmp/crossmetric-escaped-id", "a\x00b", "..", "sub/../../x"]
     vectors = np.random.default_rng(0).standard_normal((len(hostile), 8)).astype(np.float32)
@@ -155,7 +155,7 @@ def test_crossmetric_push_never_writes_or_prints_the_token(trained, hub_server: 
     for repo, code in (("tester/pushed", 0), ("tester/refused", 1)):
         if code:
             hub_server.inject_fault(f"/api/models/{repo}/commit", status=500, times=5)
-        argv = [sys.executable, "-m", "crossmetric.training.cli", "push", "--model", str(model), "--repo-id", repo]
+        argv = [sys.executable, "-m", "crossmetric.cli", "push", "--model", str(model), "--repo-id", repo]
         result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == code, result.stderr[-2000:]
         outputs += [result.stdout, result.stderr]

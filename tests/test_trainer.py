@@ -88,7 +88,7 @@ def test_bad_configuration_is_refused_before_any_work(shapes, tmp_path) -> None:
 def _cli(args: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "crossmetric.training.cli", "train", *args],
+        [sys.executable, "-m", "crossmetric.cli", "train", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

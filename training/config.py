@@ -95,7 +95,9 @@ class TrainingConfig:
     cia_loss_weight: float = field(default=1.0, metadata={"help": "lambda: weight of the conditional losses"})
     cia_level_weights: list[float] | None = field(default=None, metadata={"help": "w_l per level, e.g. 0 1"})
     # loss
-    loss: str = field(default="multi_similarity", metadata={"help": "base loss (see crossmetric.training.losses)"})
+    loss: str = field(
+        default="multi_similarity", metadata={"help": "base loss (see crossmetric.training.losses.registry)"}
+    )
     cia_pair_loss: str = field(default="multi_similarity", metadata={"help": "pair loss on conditional similarities"})
     loss_learning_rate: float = field(default=1e-2, metadata={"help": "learning rate of proxy-loss parameters"})
     # augmentation

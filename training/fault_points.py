@@ -9,7 +9,7 @@ a test that reads the output kills the process with SIGKILL when the line appear
 - ``train_step``: an optimizer step is done (and its ``save_steps`` checkpoint written), the next batch not yet
   drawn (:meth:`crossmetric.training.trainer.CrossMetricTrainer._train_epoch`);
 - ``evaluation``: a batch of the evaluation split is embedded, the metrics are not computed yet
-  (:func:`crossmetric.training.evaluation.embed_split`).
+  (:func:`crossmetric.evaluation.evaluator.embed_split`).
 
 Without the variable (every normal run) a point costs one dictionary lookup. Used by ``tests/test_faults.py``.
 """

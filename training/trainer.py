@@ -23,15 +23,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ..evaluation.evaluator import evaluate_embedder
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning
 from .checkpointing import complete_checkpoints, load_checkpoint, read_state, resolve_checkpoint, write_checkpoint
 from .config import TrainingConfig, write_text_atomic
+from .data.sampler import ClassBalancedBatchSampler
+from .data.transforms import attach_transform, build_transform, collate_fn
 from .distributed import all_gather_labels, all_gather_with_gradient
-from .evaluation import evaluate_embedder
 from .fault_points import fault_point
 from .optimization import batchnorm_layers, build_optimizer, freeze_batchnorm_parameters
-from .sampler import ClassBalancedBatchSampler
-from .transforms import attach_transform, build_transform, collate_fn
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class CrossMetricTrainer:
         # channels-last is 1.4-1.6x faster for CPU convolutions (measured on tf_efficientnet_lite0 at 64 px)
         self.model = self.model.to(memory_format=torch.channels_last)
         num_classes = self.dataset["train"].features["label"].num_classes
-        from .losses import objective_from_config
+        from .losses.registry import objective_from_config
 
         self.objective = objective_from_config(config, num_classes=num_classes)
         sampler_arguments = dict(
@@ -133,7 +133,7 @@ class CrossMetricTrainer:
 
     # ----------------------------------------------------------------------------------------------- building
     def _load_dataset(self) -> Any:
-        from .data import load_dml_dataset
+        from .data.dml_dataset import load_dml_dataset
 
         c = self.config
         dataset = load_dml_dataset(
@@ -147,7 +147,7 @@ class CrossMetricTrainer:
         )
         if str(c.dataset).lower() == "glyphs":  # rendered by us: every image decodes
             return dataset
-        from .image_loading import filter_unreadable
+        from .data.image_loading import filter_unreadable
 
         # Scraped data holds truncated or non-image files: drop them up front, not mid-run (it logs the count).
         dataset, _ = filter_unreadable(dataset)
@@ -200,15 +200,21 @@ class CrossMetricTrainer:
         accelerator.wait_for_everyone()
         export_directory = None
         if c.export and accelerator.is_main_process:
-            from .export import export_run
+            from ..hub.export import export_run
 
             export_directory = export_run(self, metrics)
         accelerator.wait_for_everyone()
         if c.report_to != "none":
             accelerator.end_training()
         return TrainingResult(
-            self.run_directory, self.global_step, metrics, self.best_metrics, self.history, train_seconds,
-            export_directory, statistics.median(self.step_seconds) if self.step_seconds else None,
+            self.run_directory,
+            self.global_step,
+            metrics,
+            self.best_metrics,
+            self.history,
+            train_seconds,
+            export_directory,
+            statistics.median(self.step_seconds) if self.step_seconds else None,
         )
 
     def _train_epoch(self) -> None:
@@ -396,6 +402,5 @@ def _check_writable(directory: Path) -> None:
             pass
     except OSError as error:
         raise ValueError(
-            f"--output_dir: cannot write to {directory} ({error.strerror}: {existing}); "
-            "choose a writable --output_dir."
+            f"--output_dir: cannot write to {directory} ({error.strerror}: {existing}); choose a writable --output_dir."
         ) from error

@@ -25,5 +25,5 @@ elif [[ "$GPUS" -gt 1 ]]; then
 else
   LAUNCH=(accelerate launch --num_processes 1 --mixed_precision bf16)
 fi
-exec "${LAUNCH[@]}" -m crossmetric.training.cli train --config "$RECIPE" --data_dir "$DATA_DIR" \
+exec "${LAUNCH[@]}" -m crossmetric.cli train --config "$RECIPE" --data_dir "$DATA_DIR" \
   --mixed_precision bf16 --num_workers 8 --output_dir outputs --run_name "$RECIPE-r50-cia" "$@"

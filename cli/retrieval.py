@@ -7,7 +7,7 @@ The lead's CLI adds these options to its sub-parsers and calls the ``run_*`` fun
     crossmetric search --model EXPORT --index INDEX query.jpg [more.jpg ...] [--top_k 5] [--json]
 
 ``index build`` under ``accelerate launch`` with several processes builds in parallel (each process embeds a
-shard; see :func:`~crossmetric.training.index_build.build_index_distributed`).
+shard; see :func:`~crossmetric.retrieval.build.build_index_distributed`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .index_files import KINDS
+from ..retrieval.storage import KINDS
 
 
 def add_index_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -95,7 +95,7 @@ def _distributed() -> bool:
 
 def run_index_build(ns: argparse.Namespace) -> int:
     """Run ``crossmetric index build``; print the index summary and where it was saved."""
-    from .index_build import build_index, build_index_distributed
+    from ..retrieval.build import build_index, build_index_distributed
 
     try:
         _check_model(ns.model)
@@ -139,7 +139,7 @@ def run_search(ns: argparse.Namespace) -> int:
     """Run ``crossmetric search``: the ``top_k`` nearest entries for each query image, as text or JSON lines."""
     from transformers import pipeline
 
-    from .retrieval_pipeline import TASK, register_retrieval_pipeline
+    from ..retrieval.pipeline import TASK, register_retrieval_pipeline
 
     try:
         _check_model(ns.model)

@@ -141,7 +141,10 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             action = "sampled with replacement" if small_classes == "replace" else "dropped"
             logger.warning(
                 "%d of %d classes have fewer than samples_per_class=%d images; they are %s.",
-                len(small), len(classes), samples_per_class, action,
+                len(small),
+                len(classes),
+                samples_per_class,
+                action,
             )
         if not kept:
             raise ValueError(

@@ -11,10 +11,10 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ..model_cards.model_card import CrossMetricModelCardData, render_model_card
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, save_embedder
-from .checkpointing import resolve_checkpoint
-from .config import TrainingConfig
-from .model_card import CrossMetricModelCardData, render_model_card
+from ..training.checkpointing import resolve_checkpoint
+from ..training.config import TrainingConfig
 
 # Hub ids of the weights each offline source is equivalent to, for the card's ``base_model``.
 BASE_MODELS = {
@@ -43,7 +43,9 @@ def card_data_for_run(
             last_loss = record["loss"]
         if "eval" in record:
             data.add_log(
-                epoch=record["epoch"], step=record["step"], loss=last_loss,
+                epoch=record["epoch"],
+                step=record["step"],
+                loss=last_loss,
                 **{k: record["eval"][k] for k in ("recall@1", "map@r") if k in record["eval"]},
             )
     if metrics:

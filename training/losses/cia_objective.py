@@ -37,10 +37,11 @@ class CrossImageAttentionObjective(nn.Module):
     similarities.
 
     Args:
-        base_loss: a :class:`~crossmetric.training.pair_losses.PairLoss` (applied to ``embeddings @ columns.T``) or a
-            :class:`~crossmetric.training.proxy_losses.ProxyLoss` (applied to the embeddings).
+        base_loss: a :class:`~crossmetric.training.losses.pair_losses.PairLoss` (applied to
+            ``embeddings @ columns.T``) or a
+            :class:`~crossmetric.training.losses.proxy_losses.ProxyLoss` (applied to the embeddings).
         pair_loss: the pair loss of the conditional similarities; ``None`` reuses ``base_loss`` when it is a pair loss
-            and otherwise takes :class:`~crossmetric.training.pair_losses.MultiSimilarityLoss` with its defaults.
+            and otherwise takes :class:`~crossmetric.training.losses.pair_losses.MultiSimilarityLoss` with its defaults.
         loss_weight: λ (``CrossMetricConfig.cia_loss_weight``); 0 makes the objective the baseline's.
         level_weights: w_l per level (``CrossMetricConfig.level_weights``); ``None`` weighs every level 1. Its
             length must match the number of levels the head gives, unless it gives none (head off).
@@ -63,7 +64,7 @@ class CrossImageAttentionObjective(nn.Module):
 
     Recommendations:
         - Multi-similarity for both the base and the pair loss, P×K batches (K >= 2) from
-          :class:`~crossmetric.training.sampler.ClassBalancedBatchSampler`: the conditional losses need positive
+          :class:`~crossmetric.training.data.sampler.ClassBalancedBatchSampler`: the conditional losses need positive
           pairs inside each device's batch.
         - Ablate λ and w_l (e.g. only the last level) with the head kept; λ = 0 is the baseline.
     """
@@ -78,7 +79,7 @@ class CrossImageAttentionObjective(nn.Module):
         super().__init__()
         if not isinstance(base_loss, (PairLoss, ProxyLoss)):
             raise TypeError(
-                f"base_loss must be a PairLoss or a ProxyLoss (see crossmetric.training.losses.LOSSES), "
+                f"base_loss must be a PairLoss or a ProxyLoss (see crossmetric.training.losses.registry.LOSSES), "
                 f"got {type(base_loss).__name__}"
             )
         if pair_loss is None:

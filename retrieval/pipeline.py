@@ -43,13 +43,13 @@ Only used by ``transformers.pipeline(model=..., trust_remote_code=True)``; with 
 ``custom_pipelines`` entry from config.json). Needs ``pip install crossmetric``.
 """
 
-from crossmetric.training.retrieval_pipeline import ImageRetrievalPipeline  # noqa: F401
+from crossmetric.retrieval.pipeline import ImageRetrievalPipeline  # noqa: F401
 '''
 
 
 def _resolve_index(index: Any) -> Any:
     """An ``EmbeddingIndex`` from an index object, a folder or a Hub repo id."""
-    from .retrieval_index import EmbeddingIndex
+    from .index import EmbeddingIndex
 
     if isinstance(index, EmbeddingIndex):
         return index
@@ -90,8 +90,8 @@ class ImageRetrievalPipeline(Pipeline):
 
     def _index_next_to_model(self) -> Any:
         """The index shipped with the model (its folder or repo, ``index/``), or a clear error."""
-        from .index_hub import DEFAULT_SUBFOLDER
-        from .retrieval_index import EmbeddingIndex
+        from .hub import DEFAULT_SUBFOLDER
+        from .index import EmbeddingIndex
 
         source = getattr(self.model, "name_or_path", "") or getattr(self.model.config, "_name_or_path", "")
         if source:
@@ -106,7 +106,7 @@ class ImageRetrievalPipeline(Pipeline):
 
     def _check_index(self, index: Any) -> Any:
         """Refuse an index of another embedding size; warn when it was built by a different model."""
-        from .embedding import model_reference
+        from ..evaluation.embedding import model_reference
 
         dim = getattr(self.model.config, "embedding_dim", None)
         if dim is not None and dim != index.dim:
@@ -154,7 +154,7 @@ class ImageRetrievalPipeline(Pipeline):
     def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, torch.Tensor]:
         from transformers.image_utils import load_image
 
-        from .image_loading import describe_source, load_rgb_image
+        from ..training.data.image_loading import describe_source, load_rgb_image
 
         if isinstance(image, str) and image.startswith(("http://", "https://")):
             decoded = load_image(image, timeout=timeout).convert("RGB")

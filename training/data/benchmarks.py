@@ -189,8 +189,9 @@ def load_inshop(data_dir: str | os.PathLike) -> DatasetDict:
     base = Path(data_dir).expanduser()
     if (base / "In-shop Clothes Retrieval Benchmark").is_dir():
         base = base / "In-shop Clothes Retrieval Benchmark"
-    partition = next((p for p in (base / "list_eval_partition.txt", base / "Eval" / "list_eval_partition.txt")
-                      if p.is_file()), None)
+    partition = next(
+        (p for p in (base / "list_eval_partition.txt", base / "Eval" / "list_eval_partition.txt") if p.is_file()), None
+    )
     if partition is None:
         raise FileNotFoundError(f"list_eval_partition.txt not found under {base}. Expected layout: {INSHOP_LAYOUT}.")
     image_root = next((p for p in (base, base / "Img") if (p / "img").is_dir()), None)
@@ -220,10 +221,18 @@ BENCHMARKS: dict[str, Callable[[str | os.PathLike], DatasetDict]] = {
     "inshop": load_inshop,
 }
 _ALIASES = {
-    "cub": "cub200", "cub-200": "cub200", "cub_200_2011": "cub200", "cub-200-2011": "cub200",
-    "cars": "cars196", "cars-196": "cars196", "stanford_cars": "cars196",
-    "stanford_online_products": "sop", "online_products": "sop",
-    "in-shop": "inshop", "in_shop": "inshop", "deepfashion_inshop": "inshop",
+    "cub": "cub200",
+    "cub-200": "cub200",
+    "cub_200_2011": "cub200",
+    "cub-200-2011": "cub200",
+    "cars": "cars196",
+    "cars-196": "cars196",
+    "stanford_cars": "cars196",
+    "stanford_online_products": "sop",
+    "online_products": "sop",
+    "in-shop": "inshop",
+    "in_shop": "inshop",
+    "deepfashion_inshop": "inshop",
 }
 
 
@@ -240,9 +249,7 @@ def load_benchmark(name: str, data_dir: str | os.PathLike | None) -> DatasetDict
     if canonical is None:
         raise ValueError(f"Unknown benchmark {name!r}; known: {sorted(BENCHMARKS)}.")
     if data_dir is None:
-        raise ValueError(
-            f"{canonical} cannot be downloaded here: pass --data_dir pointing at a local copy."
-        )
+        raise ValueError(f"{canonical} cannot be downloaded here: pass --data_dir pointing at a local copy.")
     if not Path(data_dir).expanduser().exists():
         raise FileNotFoundError(f"data_dir {data_dir} does not exist (needed for {canonical}).")
     return BENCHMARKS[canonical](data_dir)

@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..modeling.modeling_crossmetric import CrossMetricModel
-from .fault_points import fault_point
+from ..training.data.transforms import attach_transform, build_transform, collate_fn
+from ..training.fault_points import fault_point
 from .metrics import retrieval_metrics
-from .transforms import attach_transform, build_transform, collate_fn
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Build an :class:`~crossmetric.training.retrieval_index.EmbeddingIndex` from images, in one or several processes.
+"""Build an :class:`~crossmetric.retrieval.index.EmbeddingIndex` from images, in one or several processes.
 
 Sources: an image folder (ids are the files' paths relative to the folder; the label is the top-level
 sub-folder when every image lies in one, as in a one-class-per-folder layout) or a ``datasets.Dataset`` (ids
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from .embedding import embed_images, list_image_files, load_embedder, model_reference
-from .retrieval_index import EmbeddingIndex
+from ..evaluation.embedding import embed_images, list_image_files, load_embedder, model_reference
+from .index import EmbeddingIndex
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Hugging Face ``evaluate`` module for crossmetric's retrieval metrics (Recall@K, MAP@R, R-precision, NMI).
 
-A thin wrapper: the numbers come from :func:`crossmetric.training.metrics.retrieval_metrics` and
-:func:`crossmetric.training.metrics.query_gallery_metrics`, so both routes agree exactly. It is loaded
+A thin wrapper: the numbers come from :func:`crossmetric.evaluation.metrics.retrieval_metrics` and
+:func:`crossmetric.evaluation.metrics.query_gallery_metrics`, so both routes agree exactly. It is loaded
 from its local path, offline (``evaluate`` copies this file into its module cache, so the import below is
 absolute; ``crossmetric`` must be installed)::
 
@@ -9,7 +9,7 @@ absolute; ``crossmetric`` must be installed)::
     metric = evaluate.load("/path/to/crossmetric/training/evaluate_metric/crossmetric_retrieval.py")
     metric.compute(embeddings=embeddings, labels=labels, ks=[1, 2, 4, 8])
 
-or ``crossmetric.training.metrics.load_evaluate_metric()``. The ``query_gallery`` configuration takes
+or ``crossmetric.evaluation.metrics.load_evaluate_metric()``. The ``query_gallery`` configuration takes
 an extra boolean column ``is_query`` (True: query, False: gallery item) for the In-Shop protocol.
 """
 
@@ -19,7 +19,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from crossmetric.training.metrics import query_gallery_metrics, retrieval_metrics
+from crossmetric.evaluation.metrics import query_gallery_metrics, retrieval_metrics
 
 _DESCRIPTION = """
 Retrieval metrics for deep metric learning, as in Musgrave et al. 2020 ("A Metric Learning Reality

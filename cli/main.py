@@ -22,7 +22,7 @@ def train_command(argv: Sequence[str]) -> int:
 
     from transformers import HfArgumentParser
 
-    from .config import RECIPES, TrainingConfig, load_config_values
+    from ..training.config import RECIPES, TrainingConfig, load_config_values
 
     started = time.perf_counter()
     pre = argparse.ArgumentParser(add_help=False)
@@ -38,7 +38,7 @@ def train_command(argv: Sequence[str]) -> int:
     values = load_config_values(known.config)
     parser.set_defaults(**values)
     config, *_ = parser.parse_args_into_dataclasses(args=list(rest), look_for_args_file=False)
-    from .trainer import CrossMetricTrainer
+    from ..training.trainer import CrossMetricTrainer
 
     trainer = CrossMetricTrainer(config)
     zero_shot = None
@@ -76,7 +76,7 @@ def export_command(argv: Sequence[str]) -> int:
     parser.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint) or a checkpoint")
     parser.add_argument("--output_dir", required=True, help="where to write the exported model")
     args = parser.parse_args(argv)
-    from .export import export_checkpoint
+    from ..hub.export import export_checkpoint
 
     print(f"exported to {export_checkpoint(args.checkpoint, args.output_dir)}")
     return 0
@@ -100,7 +100,10 @@ def index_command(argv: Sequence[str]) -> int:
         print("usage: crossmetric index build --model DIR --images FOLDER --output_dir DIR [--kind exact|hnsw|ivf]")
         return 2
     build = _subcommand(
-        ".retrieval_cli", "add_index_build_arguments", "run_index_build", "crossmetric index build",
+        ".retrieval",
+        "add_index_build_arguments",
+        "run_index_build",
+        "crossmetric index build",
         "Embed a gallery (image folder or dataset) with an exported model and save a searchable index.",
     )
     return build(argv[1:])
@@ -110,16 +113,25 @@ HANDLERS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": train_command,
     "export": export_command,
     "evaluate": _subcommand(
-        ".evaluate_command", "add_evaluate_arguments", "run_evaluate", "crossmetric evaluate",
+        ".evaluate",
+        "add_evaluate_arguments",
+        "run_evaluate",
+        "crossmetric evaluate",
         "Embed a dataset's test split with a model, compute retrieval metrics and write a report with pictures.",
     ),
     "push": _subcommand(
-        ".hub", "add_push_arguments", "run_push", "crossmetric push",
+        "..hub.push",
+        "add_push_arguments",
+        "run_push",
+        "crossmetric push",
         "Upload an exported model (and its index) to the Hugging Face Hub.",
     ),
     "index": index_command,
     "search": _subcommand(
-        ".retrieval_cli", "add_search_arguments", "run_search", "crossmetric search",
+        ".retrieval",
+        "add_search_arguments",
+        "run_search",
+        "crossmetric search",
         "Find the gallery images nearest to query images in a saved index.",
     ),
 }

@@ -151,7 +151,11 @@ def plot_attention_maps(
             axes.imshow(images[i])
             axes.imshow(
                 upsample_map(attention.maps[r, level], height, width),
-                cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+                cmap="jet",
+                alpha=0.45,
+                vmin=0,
+                vmax=1,
+                extent=(-0.5, width - 0.5, height - 0.5, -0.5),
             )
             weights = attention.maps[r, level]
             axes.set_title(

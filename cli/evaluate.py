@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel
-from .checkpointing import complete_checkpoints
-from .config import TrainingConfig, write_text_atomic
+from ..training.checkpointing import complete_checkpoints
+from ..training.config import TrainingConfig, write_text_atomic
 
 LEAVE_ONE_OUT_KS = (1, 2, 4, 8)
 QUERY_GALLERY_KS = (1, 10, 20, 30, 40, 50)  # the In-Shop protocol's K
@@ -86,8 +86,11 @@ def load_training_checkpoint(path: str | os.PathLike) -> CrossMetricForMetricLea
             "with complete checkpoints under checkpoints/."
         )
     config_path = next(
-        (folder / "training_config.yaml" for folder in (checkpoint, *checkpoint.parents)
-         if (folder / "training_config.yaml").is_file()),
+        (
+            folder / "training_config.yaml"
+            for folder in (checkpoint, *checkpoint.parents)
+            if (folder / "training_config.yaml").is_file()
+        ),
         None,
     )
     if config_path is None:
@@ -184,7 +187,7 @@ def _default_output_dir(ns: argparse.Namespace) -> Path:
 def prepare(ns: argparse.Namespace) -> EvaluationPlan:
     """Check every argument and load the dataset and models; raise ``ValueError``/``FileNotFoundError`` on a
     mistake, before anything is embedded or written."""
-    from .data import load_dml_dataset, resolve_dataset_name
+    from ..training.data.dml_dataset import load_dml_dataset, resolve_dataset_name
 
     for name in ("batch_size", "num_queries", "top_k"):
         if getattr(ns, name) < 1:
@@ -205,8 +208,12 @@ def prepare(ns: argparse.Namespace) -> EvaluationPlan:
         raise ValueError(f"--checkpoint {ns.checkpoint!r}: no such folder (pass a training run or checkpoint).")
     resolve_dataset_name(ns.dataset)
     dataset = load_dml_dataset(
-        ns.dataset, data_dir=ns.data_dir, image_column=ns.image_column, label_column=ns.label_column,
-        split_strategy=ns.split_strategy, seed=ns.seed,
+        ns.dataset,
+        data_dir=ns.data_dir,
+        image_column=ns.image_column,
+        label_column=ns.label_column,
+        split_strategy=ns.split_strategy,
+        seed=ns.seed,
     )
     queries, gallery, split_name = _select_splits(dataset, ns.split, ns.max_images)
     training_model = None
@@ -226,7 +233,7 @@ def prepare(ns: argparse.Namespace) -> EvaluationPlan:
 # ------------------------------------------------------------------------------------------------- running
 def _embed(embedder: CrossMetricModel, plan: EvaluationPlan, ns: argparse.Namespace, device: torch.device) -> Embedded:
     """Embeddings and labels of the evaluated split, or of the query and the gallery split."""
-    from .evaluation import embed_split
+    from ..evaluation.evaluator import embed_split
 
     embedder.to(device)
     splits = [plan.queries] if plan.gallery is None else [plan.queries, plan.gallery]
@@ -234,7 +241,7 @@ def _embed(embedder: CrossMetricModel, plan: EvaluationPlan, ns: argparse.Namesp
 
 
 def _metrics(embedded: Embedded, ks: tuple[int, ...], seed: int) -> dict[str, float]:
-    from .metrics import query_gallery_metrics, retrieval_metrics
+    from ..evaluation.metrics import query_gallery_metrics, retrieval_metrics
 
     if len(embedded) == 1:
         return retrieval_metrics(*embedded[0], ks=ks, seed=seed, progress=False)
@@ -243,7 +250,7 @@ def _metrics(embedded: Embedded, ks: tuple[int, ...], seed: int) -> dict[str, fl
 
 
 def _curve(embedded: Embedded, max_k: int) -> list[float]:
-    from .reports import recall_at_k_curve
+    from ..evaluation.reports import recall_at_k_curve
 
     if len(embedded) == 1:
         return recall_at_k_curve(*embedded[0], max_k)
@@ -253,7 +260,7 @@ def _curve(embedded: Embedded, max_k: int) -> list[float]:
 
 def _retrieval_grid(plan: EvaluationPlan, embedded: Embedded, ns: argparse.Namespace, path: Path) -> None:
     """Sample queries (seeded) and draw them with their nearest neighbours, as the metrics found them."""
-    from .reports import display_images, nearest_neighbours, plot_retrieval_grid, sample_queries
+    from ..evaluation.reports import display_images, nearest_neighbours, plot_retrieval_grid, sample_queries
 
     (q, ql) = embedded[0]
     (g, gl), gallery = (embedded[1], plan.gallery) if len(embedded) == 2 else ((q, ql), plan.queries)
@@ -275,9 +282,9 @@ def _attention_maps(plan: EvaluationPlan, ns: argparse.Namespace, device: torch.
     """Attention maps of seeded positive and negative pairs of the evaluated images, from the checkpoint's head."""
     from datasets import Image as ImageFeature
 
-    from .attention_maps import pair_attention, plot_attention_maps, select_pairs, unnormalise
-    from .image_loading import SkippedImages, load_rgb_image
-    from .transforms import build_transform
+    from ..evaluation.attention_maps import pair_attention, plot_attention_maps, select_pairs, unnormalise
+    from ..training.data.image_loading import SkippedImages, load_rgb_image
+    from ..training.data.transforms import build_transform
 
     model = plan.training_model
     pool = plan.gallery if plan.gallery is not None else plan.queries
@@ -317,7 +324,7 @@ def _write_report(
     baseline_metrics: dict[str, float] | None,
 ) -> Path:
     """Write the report into a staging folder and swap it in, so ``report/`` is always complete."""
-    from .reports import plot_recall_at_k, write_report
+    from ..evaluation.reports import plot_recall_at_k, write_report
 
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".report.partial-", dir=plan.output_dir))
@@ -337,7 +344,9 @@ def _write_report(
             pictures["attention_maps.png"] = "Cross-image attention of positive and negative pairs"
         table = {"model": metrics, **({"baseline": baseline_metrics} if baseline_metrics else {})}
         details = {
-            "model": ns.model, "dataset": ns.dataset, "split": plan.split_name,
+            "model": ns.model,
+            "dataset": ns.dataset,
+            "split": plan.split_name,
             "images": len(plan.queries) + (len(plan.gallery) if plan.gallery is not None else 0),
             "classes": len(np.unique(np.concatenate([e[1] for e in embedded]))),
         }

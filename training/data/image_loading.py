@@ -207,9 +207,7 @@ def filter_unreadable(
             report.reasons += split_report.reasons
         return DatasetDict(kept), report
     if image_column not in dataset.column_names:
-        raise ValueError(
-            f"filter_unreadable: no column {image_column!r}; available columns: {dataset.column_names}."
-        )
+        raise ValueError(f"filter_unreadable: no column {image_column!r}; available columns: {dataset.column_names}.")
     raw = dataset.cast_column(image_column, ImageFeature(decode=False))
     checked = raw.map(
         _check_batch,

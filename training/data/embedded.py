@@ -1,6 +1,6 @@
 """The embedded "glyphs" benchmark: CJK characters (classes) drawn by many fonts (images).
 
-The data ships inside the package (``training/glyphs/``: ``train.parquet``, ``test.parquet``,
+The data ships inside the package (``training/data/glyphs_data/``: ``train.parquet``, ``test.parquet``,
 ``manifest.json``), so the default benchmark works offline and needs no Hub access. Train and test
 hold disjoint halves of the characters, as deep-metric-learning protocols ask. The files are built by
 ``scripts/build_glyphs.py``; the manifest records their sha256 hashes and counts, which
@@ -15,11 +15,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-GLYPHS_DIR = Path(__file__).resolve().parent / "glyphs"
+GLYPHS_DIR = Path(__file__).resolve().parent / "glyphs_data"
 SPLITS = ("train", "test")
 
 _FIX = (
-    "Restore the committed data with `git checkout -- training/glyphs` or rebuild it with "
+    "Restore the committed data with `git checkout -- training/data/glyphs_data` or rebuild it with "
     "`python scripts/build_glyphs.py` (see that script for the Debian font packages it needs)."
 )
 

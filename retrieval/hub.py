@@ -1,8 +1,8 @@
-"""Sharing an :class:`~crossmetric.training.retrieval_index.EmbeddingIndex` on the Hugging Face Hub.
+"""Sharing an :class:`~crossmetric.retrieval.index.EmbeddingIndex` on the Hugging Face Hub.
 
 An index is a folder of three files (see :mod:`.index_files`), so sharing it is uploading that folder, to the root
 of a repo or, with ``path_in_repo="index"``, into the ``index/`` folder of the model's own repo so that the model
-and its index travel together. The upload goes through :func:`crossmetric.training.hub.push_to_hub_folder` (its
+and its index travel together. The upload goes through :func:`crossmetric.hub.push.push_to_hub_folder` (its
 input checks, token handling and error reporting); the download through ``huggingface_hub.snapshot_download``
 restricted to the index files.
 """
@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .index_files import EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE
+from .storage import EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE
 
 DEFAULT_SUBFOLDER = "index"  # where an index lives inside a model folder or model repo
 DEFAULT_COMMIT_MESSAGE = "Upload crossmetric embedding index"
@@ -41,7 +41,7 @@ def push_index(
     endpoint: str | None = None,
 ) -> Any:
     """Save ``index`` into a temporary folder laid out as in the repo and upload it in one commit."""
-    from .hub import push_to_hub_folder
+    from ..hub.push import push_to_hub_folder
 
     parts = check_path_in_repo(path_in_repo) if path_in_repo else ()
     with tempfile.TemporaryDirectory(prefix="crossmetric-index-") as staging:

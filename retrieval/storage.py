@@ -1,4 +1,4 @@
-"""The on-disk format of an :class:`~crossmetric.training.retrieval_index.EmbeddingIndex` folder, and its checks.
+"""The on-disk format of an :class:`~crossmetric.retrieval.index.EmbeddingIndex` folder, and its checks.
 
 Three files with fixed names (ids and paths are data and never become file names), none of them a pickle:
 

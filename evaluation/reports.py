@@ -19,7 +19,7 @@ from datasets import Image as ImageFeature
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .image_loading import SkippedImages, load_rgb_image
+from ..training.data.image_loading import SkippedImages, load_rgb_image
 from .metrics import query_gallery_metrics, retrieval_metrics
 from .nearest_neighbors import iter_knn
 
@@ -69,9 +69,7 @@ def nearest_neighbours(
     return indices, scores
 
 
-def sample_queries(
-    query_labels: np.ndarray, gallery_labels: np.ndarray | None, count: int, seed: int
-) -> np.ndarray:
+def sample_queries(query_labels: np.ndarray, gallery_labels: np.ndarray | None, count: int, seed: int) -> np.ndarray:
     """``count`` query indices drawn with ``seed``, sorted, preferring queries that have a match to find.
 
     A query has a match when another item (leave-one-out, ``gallery_labels=None``) or a gallery item shares its
@@ -93,8 +91,11 @@ def sample_queries(
 
 def display_images(split: Dataset, indices: Sequence[int], size: int = THUMBNAIL) -> list[Image.Image]:
     """The original images (RGB, not normalised) of ``split[indices]``, shrunk to at most ``size`` pixels."""
-    raw = split.cast_column("image", ImageFeature(decode=False)) if isinstance(split.features["image"], ImageFeature) \
+    raw = (
+        split.cast_column("image", ImageFeature(decode=False))
+        if isinstance(split.features["image"], ImageFeature)
         else split
+    )
     images = []
     for index in indices:
         image = load_rgb_image(raw[int(index)]["image"], SkippedImages())

@@ -41,8 +41,8 @@ import faiss
 import numpy as np
 from safetensors.numpy import save_file
 
-from .index_calibration import calibrate, calibration_split, search_steps, set_search_param
-from .index_files import (
+from .calibration import calibrate, calibration_split, search_steps, set_search_param
+from .storage import (
     EMBEDDINGS_FILE,
     EMBEDDINGS_KEY,
     FORMAT_VERSION,
@@ -180,7 +180,7 @@ class EmbeddingIndex:
         keyword arguments: ``image_processor``, ``batch_size``, ``device``, ``progress``, ``num_workers`` and
         the index settings of the constructor.
         """
-        from .index_build import build_index
+        from .build import build_index
 
         return build_index(model, folder, kind=kind, **kwargs)
 
@@ -198,7 +198,7 @@ class EmbeddingIndex:
     ) -> EmbeddingIndex:
         """Embed the images of a ``datasets.Dataset``; ids from ``id_column`` (default: the row number), labels
         from ``label_column`` (ClassLabel names) when present, paths from the image records where stored."""
-        from .index_build import build_index
+        from .build import build_index
 
         return build_index(
             model, dataset, kind=kind, image_column=image_column, label_column=label_column, id_column=id_column,
@@ -390,7 +390,7 @@ class EmbeddingIndex:
         pipeline look there). Other keywords: ``private``, ``revision``, ``create_pr``, ``commit_message``,
         ``token``, ``endpoint`` (as ``crossmetric.push_to_hub``). Returns huggingface_hub's ``CommitInfo``.
         """
-        from .index_hub import push_index
+        from .hub import push_index
 
         return push_index(self, repo_id, path_in_repo=path_in_repo, **kwargs)
 
@@ -403,6 +403,6 @@ class EmbeddingIndex:
         Keywords: ``subfolder`` (look only there), ``token``, ``cache_dir``. From the Hub only the index files
         are downloaded, not the model weights.
         """
-        from .index_hub import index_folder
+        from .hub import index_folder
 
         return cls.load(index_folder(repo_id_or_dir, revision, **kwargs))

@@ -91,7 +91,7 @@ def _load_raw(dataset: Any, data_dir: str | os.PathLike | None) -> tuple[Dataset
         raise TypeError(f"dataset must be a name, a path or a datasets Dataset/DatasetDict, got {type(dataset)}.")
     kind, value = resolve_dataset_name(dataset)
     if kind == "glyphs":
-        from .glyphs import load_glyphs  # written separately; imported only when asked for
+        from .embedded import load_glyphs  # written separately; imported only when asked for
 
         return load_glyphs(), ""
     if kind == "benchmark":
@@ -255,7 +255,10 @@ def _check_splits(dd: DatasetDict) -> None:
         if singles and name != "train":
             logger.warning(
                 "%d of %d classes in split %r have only 1 image: as queries they have no match, which lowers "
-                "Recall@K for every model alike.", singles, len(counts), name,
+                "Recall@K for every model alike.",
+                singles,
+                len(counts),
+                name,
             )
     if "query" in dd and "gallery" in dd:
         orphans = _classes_by_split(dd)["query"] - _classes_by_split(dd)["gallery"]
@@ -318,8 +321,10 @@ def load_dml_dataset(
     else:
         if split_strategy == "official":
             logger.info("No official class-disjoint split; splitting classes in sorted order.")
-        merged = dd[next(iter(dd))] if len(dd) == 1 else concatenate_datasets(
-            [split.select_columns(["image", "label"]) for split in dd.values()]
+        merged = (
+            dd[next(iter(dd))]
+            if len(dd) == 1
+            else concatenate_datasets([split.select_columns(["image", "label"]) for split in dd.values()])
         )
         dd = _split_by_class(merged, "shuffle" if split_strategy == "shuffle" else "sorted", seed)
     if validation_fraction > 0:
