@@ -181,10 +181,10 @@ class TrainingConfig:
     def model_config(self):
         """The :class:`CrossMetricConfig` these fields describe (validated there)."""
         from ..modeling.configuration_crossmetric import CrossMetricConfig
+        from .pretrained import WEIGHT_SOURCES
 
-        mean_std = {}
-        if self.pretrained.startswith("pypi:efficientnet"):
-            mean_std = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+        source = WEIGHT_SOURCES.get(self.pretrained)
+        mean_std = source.normalisation if source is not None else {}
         return CrossMetricConfig(
             backbone=self.backbone,
             embedding_dim=self.embedding_dim,
