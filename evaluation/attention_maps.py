@@ -1,7 +1,7 @@
 """Where the cross-image-attention head looks: attention maps of image pairs, drawn over the images.
 
 For a pair (i, j), level l of the head lets image j's current conditional embedding query image i's feature-map
-tokens (DESIGN §1); ``CrossMetricForMetricLearning(..., output_attentions=True)`` returns those weights as one
+tokens (docs/design.md §1); ``CrossMetricForMetricLearning(..., output_attentions=True)`` returns those weights as one
 B×B×heads×T tensor per level. Averaged over heads and reshaped to the token grid (a CNN's H'×W' map, row-major,
 or a ViT's patch grid), upsampled to the input size and laid over image i, they show which parts of image i decide
 its similarity to image j. The images are shown as the model sees them (resized and centre-cropped, colours

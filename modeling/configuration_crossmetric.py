@@ -111,7 +111,10 @@ class CrossMetricConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def _validate(self) -> None:
-        """Refuse invalid values here, in ``__init__``, naming the field (see DESIGN §2 on transformers 5)."""
+        """Refuse invalid values here, in ``__init__``, naming the field.
+
+        Here, because transformers 5's ``@strict`` validators would wrap a later error in another exception type.
+        """
         positive_int = "a positive integer"
         rules: list[tuple[str, Callable[[Any], bool], str]] = [
             ("backbone_kwargs", lambda v: isinstance(v, dict), "a dict"),

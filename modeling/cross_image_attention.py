@@ -1,4 +1,7 @@
-"""The training-only cross-image-attention head: a hierarchy of conditional embeddings (DESIGN §1).
+"""The training-only cross-image-attention head: a hierarchy of conditional embeddings.
+
+Kotovenko et al., CVPR 2023; the paper's details are reconstructed as described in the crossmetric repository's
+docs/design.md §1.
 
 For every ordered pair (i, j) of a batch, the embedding of image i conditioned on image j is refined level by level:
 the other image's current conditional embedding asks, through cross-attention, which of image i's feature-map tokens
@@ -142,7 +145,7 @@ class CrossImageAttentionHead(nn.Module):
         mark_new_layers(self)
 
     def reset_parameters(self) -> None:
-        """Explicit initialisation (``from_pretrained`` leaves unloaded weights uninitialised; DESIGN §2)."""
+        """Explicit initialisation: transformers 5's ``from_pretrained`` leaves unloaded weights uninitialised."""
         for module in self.modules():
             init_new_layer(module)
 

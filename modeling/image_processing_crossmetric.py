@@ -3,7 +3,8 @@
 It is a stock transformers class (``CLIPImageProcessor``: resize the shortest edge to ``image_size / crop_pct``,
 centre-crop ``image_size``, rescale, normalise), configured from the timm data config that the model's config
 carries. A stock class, rather than a custom one, so that ``AutoImageProcessor`` and the
-``image-feature-extraction`` pipeline load it with no remote code and no trust question (DESIGN §2).
+``image-feature-extraction`` pipeline load it with no remote code and no trust question (an ``auto_map`` in
+``preprocessor_config.json`` would make the stock pipeline ask one).
 """
 
 from __future__ import annotations

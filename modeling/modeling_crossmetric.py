@@ -76,7 +76,7 @@ class CrossMetricPreTrainedModel(PreTrainedModel):
 
         Called per module, leaves included (transformers 5 skips parameter-less containers of custom models), and
         only for weights that ``from_pretrained`` did not load. Also resets timm's non-persistent buffers, which
-        loading leaves as uninitialised memory (DESIGN §2).
+        loading leaves as uninitialised memory (transformers 5).
         """
         if hasattr(module, "init_non_persistent_buffers"):
             module.init_non_persistent_buffers()

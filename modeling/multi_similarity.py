@@ -91,10 +91,32 @@ def multi_similarity_loss(
         query_index: Q column indices, the column of each row's own item (excluded from its pairs).
     """
     positive, negative = pair_masks(similarities, labels, query_labels, query_index)
+    return masked_multi_similarity_loss(
+        similarities, positive, negative, alpha=alpha, beta=beta, base=base, margin=margin
+    )
+
+
+def masked_multi_similarity_loss(
+    similarities: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    base: float,
+    margin: float | None,
+) -> torch.Tensor:
+    """Multi-similarity loss of a Q×N similarity matrix whose pair masks are already built (see :func:`pair_masks`).
+
+    The part of :func:`multi_similarity_loss` after the masks, so that
+    ``crossmetric.training.losses.pair_losses.PairLoss`` can build the masks once for every pair loss and hand them
+    here. Arguments as in :func:`multi_similarity_loss` (whose defaults are the paper's), but all required;
+    ``positive`` and ``negative`` are Q×N booleans.
+    """
     if margin is not None:
         positive, negative = _mine_pairs(similarities.detach(), positive, negative, margin)
-    pos_term = _log1p_sum_exp(-alpha * (similarities - base), positive) / alpha
-    neg_term = _log1p_sum_exp(beta * (similarities - base), negative) / beta
+    pos_term = log1p_sum_exp(-alpha * (similarities - base), positive, dim=1) / alpha
+    neg_term = log1p_sum_exp(beta * (similarities - base), negative, dim=1) / beta
     return (pos_term + neg_term).mean()
 
 
@@ -108,8 +130,14 @@ def _mine_pairs(
     return positive & (similarities - margin < max_negative), negative & (similarities + margin > min_positive)
 
 
-def _log1p_sum_exp(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``log(1 + Σ_{mask} exp(values))`` per row, stable; 0 for rows with no selected entry."""
+def log1p_sum_exp(values: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """``log(1 + Σ_{mask} exp(values))`` along ``dim`` of a 2-D tensor, stable; 0 where nothing is selected.
+
+    The ``1 +`` is a zero logit appended along ``dim``. Shared by the multi-similarity loss (per row) and
+    ``crossmetric.training.losses.proxy_losses`` (per proxy column), which have the same soft-plus-of-a-sum form.
+    """
     masked = values.masked_fill(~mask, float("-inf"))
-    zeros = torch.zeros(values.shape[0], 1, dtype=values.dtype, device=values.device)
-    return torch.logsumexp(torch.cat([masked, zeros], dim=1), dim=1)
+    shape = list(values.shape)
+    shape[dim] = 1
+    zeros = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    return torch.logsumexp(torch.cat([masked, zeros], dim=dim), dim=dim)

@@ -10,7 +10,7 @@ from crossmetric import CrossImageAttentionHead
 
 
 def naive_pair_similarities(head: CrossImageAttentionHead, embeddings: torch.Tensor, tokens: torch.Tensor):
-    """DESIGN §1 written literally: one ordered pair (i, j) at a time, no batching tricks."""
+    """docs/design.md §1 written literally: one ordered pair (i, j) at a time, no batching tricks."""
     batch = embeddings.shape[0]
     seed = head.seed(embeddings)
     z = {(i, j): seed[i] for i in range(batch) for j in range(batch)}

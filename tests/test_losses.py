@@ -19,6 +19,7 @@ from crossmetric.training.losses.registry import (
     ContrastiveLoss,
     MultiSimilarityLoss,
     NormalizedSoftmaxLoss,
+    PairLoss,
     ProxyAnchorLoss,
     build_loss,
     build_objective,
@@ -167,6 +168,30 @@ def test_pair_loss_shape_errors_name_the_fix() -> None:
         ContrastiveLoss()(sim, torch.arange(5), query_index=torch.arange(4))
     with pytest.raises(ValueError, match="query_index must hold"):
         CircleLoss()(sim, torch.arange(6), query_index=torch.arange(3))
+
+
+class _MaskRecorder(PairLoss):
+    """A pair loss that implements only ``compute_loss`` and keeps the masks it was given."""
+
+    def compute_loss(self, similarities: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        self.masks = (positive, negative)
+        return (similarities * positive).sum()
+
+
+def test_a_pair_loss_implements_only_compute_loss_and_gets_the_masks_built_once() -> None:
+    """The base class builds the masks (self pairs excluded by index, shapes checked) for every subclass."""
+    recorder = _MaskRecorder()
+    labels = torch.tensor([0, 0, 1, 1])
+    sim = torch.ones(2, 4)
+    loss = recorder(sim, labels, query_index=torch.tensor([3, 0]))  # row 0 is item 3, row 1 is item 0
+    positive, negative = recorder.masks
+    assert positive.tolist() == [[False, False, True, False], [False, True, False, False]]
+    assert negative.tolist() == [[True, True, False, False], [False, False, True, True]]
+    assert loss.item() == 2.0
+    with pytest.raises(ValueError, match="query_index"):
+        recorder(sim, labels)
+    with pytest.raises(NotImplementedError, match="compute_loss"):
+        PairLoss()(torch.ones(2, 2), torch.tensor([0, 1]))
 
 
 def copy_proxies(ours, theirs) -> None:

@@ -146,6 +146,22 @@ def test_query_gallery_matches_brute_force(use_faiss: bool) -> None:
     assert_same(got, reference_metrics(tied_x[:80], tied_y[:80], tied_x[80:], tied_y[80:], ks, leave_one_out=False))
 
 
+def test_one_entry_point_for_both_protocols() -> None:
+    """retrieval_metrics with a gallery is query_gallery_metrics; a gallery holding the queries themselves is not
+    leave-one-out (each query finds itself first), so the gallery really switches the protocol."""
+    x, y = clustered(300, 8, 30, noise=0.9, seed=12)
+    q, qy, g, gy = x[:100], y[:100], x[100:], y[100:]
+    ks = (1, 4)
+    unified = retrieval_metrics(q, qy, ks, gallery_embeddings=g, gallery_labels=gy, nmi=False, progress=False)
+    assert unified == query_gallery_metrics(q, qy, g, gy, ks, progress=False)
+    assert_same(unified, reference_metrics(q, qy, g, gy, ks, leave_one_out=False))
+    self_gallery = retrieval_metrics(x, y, ks, gallery_embeddings=x, gallery_labels=y, nmi=False, progress=False)
+    assert self_gallery["recall@1"] == 1.0
+    assert retrieval_metrics(x, y, ks, nmi=False, progress=False)["recall@1"] < 1.0
+    with pytest.raises(ValueError, match="together"):
+        retrieval_metrics(q, qy, gallery_embeddings=g, progress=False)
+
+
 def test_matches_pytorch_metric_learning_accuracy_calculator() -> None:
     x, y = clustered(600, 16, 90, noise=0.8, seed=5)
     calculator = AccuracyCalculator(

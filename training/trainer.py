@@ -1,7 +1,7 @@
 """The Accelerate training loop: P×K batches, the cross-image-attention objective, evaluation, exact resume.
 
 Under ``accelerate launch`` with several processes the base loss sees the embeddings of all processes (all-gather
-with gradients) while the head's pairs stay within each process's batch (DESIGN §1).
+with gradients) while the head's pairs stay within each process's batch (docs/design.md §1).
 """
 
 from __future__ import annotations

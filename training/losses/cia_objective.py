@@ -1,4 +1,4 @@
-"""The training objective of Cross-Image-Attention (DESIGN §1): a base loss plus weighted per-level pair losses.
+"""The training objective of Cross-Image-Attention (docs/design.md §1): a base loss plus weighted per-level pair losses.
 
 ``L = L_base(unconditional embeddings) + λ · Σ_l w_l · L_pair(S^l)``. With the head off (no conditional
 similarities, or λ = 0) it is the plain DML baseline through the same code, so the benchmark's CIA-vs-baseline

@@ -1,9 +1,9 @@
 """Pair losses on a similarity matrix: multi-similarity, contrastive and circle loss.
 
 They take similarities, not embeddings, so one module serves both parts of the Cross-Image-Attention objective
-(DESIGN §1): the unconditional similarities ``E_local @ E_all.T`` (Q×N, rows a slice of the columns when the columns
-are all-gathered across processes) and the head's conditional similarities ``S^l`` (B×B, which are no inner products
-of any embedding, so an embedding-based loss could not take them).
+(docs/design.md §1): the unconditional similarities ``E_local @ E_all.T`` (Q×N, rows a slice of the columns when the
+columns are all-gathered across processes) and the head's conditional similarities ``S^l`` (B×B, which are no inner
+products of any embedding, so an embedding-based loss could not take them).
 
 Which column is a row's own item is given by index (``query_index``), never by value, as the benchmark protocol asks:
 see :func:`crossmetric.modeling.multi_similarity.pair_masks`.
@@ -14,13 +14,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...modeling.multi_similarity import multi_similarity_loss, pair_masks
+from ...modeling.multi_similarity import masked_multi_similarity_loss, pair_masks
 
 
 class PairLoss(nn.Module):
     """Base class: a loss of a Q×N similarity matrix and labels, averaged into a scalar.
 
-    ``forward(similarities, labels, query_labels=None, query_index=None)``:
+    ``forward(similarities, labels, query_labels=None, query_index=None)`` builds the positive and negative pair masks
+    once, with :func:`~crossmetric.modeling.multi_similarity.pair_masks`, and hands them to :meth:`compute_loss`, the
+    only method a pair loss implements (as pytorch-metric-learning's ``GenericPairLoss`` with its ``_compute_loss``).
+    So every pair loss excludes self pairs, and checks shapes, in the same way.
 
     - ``similarities`` (Q×N): cosine similarities (or the head's conditional similarities), higher = more alike;
     - ``labels`` (N): the column labels (and the row labels when the matrix is square);
@@ -37,7 +40,18 @@ class PairLoss(nn.Module):
         query_labels: torch.Tensor | None = None,
         query_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        raise NotImplementedError
+        positive, negative = pair_masks(similarities, labels, query_labels, query_index)
+        return self.compute_loss(similarities, positive, negative)
+
+    def compute_loss(self, similarities: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        """The scalar loss of a Q×N similarity matrix given its Q×N boolean positive and negative pair masks.
+
+        Entries in neither mask (self pairs) may hold anything, NaN included: an implementation must keep them out of
+        the loss and its gradient.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement compute_loss(similarities, positive, negative)"
+        )
 
 
 class MultiSimilarityLoss(PairLoss):
@@ -46,7 +60,7 @@ class MultiSimilarityLoss(PairLoss):
     Per anchor, ``1/alpha · log(1 + Σ_pos exp(-alpha (S - base))) + 1/beta · log(1 + Σ_neg exp(beta (S - base)))``
     over the pairs kept by the paper's mining (hard negatives ``S_neg + margin > min S_pos``, hard positives
     ``S_pos - margin < max S_neg``), averaged over all anchors. It wraps
-    :func:`crossmetric.modeling.multi_similarity.multi_similarity_loss`, the function the model itself uses.
+    :func:`crossmetric.modeling.multi_similarity.masked_multi_similarity_loss`, the function the model itself uses.
 
     Args:
         alpha: scale of the positive term (Revisiting-DML: 2).
@@ -81,15 +95,9 @@ class MultiSimilarityLoss(PairLoss):
             raise ValueError(f"MultiSimilarityLoss: margin={margin} must be >= 0, or None to keep every pair")
         self.alpha, self.beta, self.base, self.margin = alpha, beta, base, margin
 
-    def forward(
-        self,
-        similarities: torch.Tensor,
-        labels: torch.Tensor,
-        query_labels: torch.Tensor | None = None,
-        query_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return multi_similarity_loss(
-            similarities, labels, self.alpha, self.beta, self.base, self.margin, query_labels, query_index
+    def compute_loss(self, similarities: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        return masked_multi_similarity_loss(
+            similarities, positive, negative, alpha=self.alpha, beta=self.beta, base=self.base, margin=self.margin
         )
 
     def extra_repr(self) -> str:
@@ -127,14 +135,7 @@ class ContrastiveLoss(PairLoss):
         super().__init__()
         self.pos_margin, self.neg_margin = pos_margin, neg_margin
 
-    def forward(
-        self,
-        similarities: torch.Tensor,
-        labels: torch.Tensor,
-        query_labels: torch.Tensor | None = None,
-        query_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        positive, negative = pair_masks(similarities, labels, query_labels, query_index)
+    def compute_loss(self, similarities: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         pos_losses = torch.relu(self.pos_margin - similarities).masked_fill(~positive, 0.0)
         neg_losses = torch.relu(similarities - self.neg_margin).masked_fill(~negative, 0.0)
         return _mean_of_nonzero(pos_losses) + _mean_of_nonzero(neg_losses)
@@ -170,14 +171,7 @@ class CircleLoss(PairLoss):
             raise ValueError(f"CircleLoss: gamma={gamma} must be > 0")
         self.m, self.gamma = m, gamma
 
-    def forward(
-        self,
-        similarities: torch.Tensor,
-        labels: torch.Tensor,
-        query_labels: torch.Tensor | None = None,
-        query_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        positive, negative = pair_masks(similarities, labels, query_labels, query_index)
+    def compute_loss(self, similarities: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         # Entries that are no pair (e.g. the head's diagonal) are zeroed first: the products below would turn a
         # NaN there into a NaN gradient even where the result is masked out.
         similarities = similarities.masked_fill(~(positive | negative), 0.0)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...modeling.multi_similarity import log1p_sum_exp
+
 
 class ProxyLoss(nn.Module):
     """Base class: a loss of (B×D embeddings, B labels in ``0..num_classes-1``) against learned class proxies.
@@ -89,8 +91,8 @@ class ProxyAnchorLoss(ProxyLoss):
         self.check_inputs(embeddings, labels)
         cos = self.cosines(embeddings)
         positive = nn.functional.one_hot(labels, self.num_classes).bool()
-        pos_term = _log1p_sum_exp_columns(-self.alpha * (cos - self.margin), positive)
-        neg_term = _log1p_sum_exp_columns(self.alpha * (cos + self.margin), ~positive)
+        pos_term = log1p_sum_exp(-self.alpha * (cos - self.margin), positive, dim=0)
+        neg_term = log1p_sum_exp(self.alpha * (cos + self.margin), ~positive, dim=0)
         proxies_with_positives = positive.any(dim=0).sum().clamp(min=1)
         return pos_term.sum() / proxies_with_positives + neg_term.sum() / self.num_classes
 
@@ -133,10 +135,3 @@ class NormalizedSoftmaxLoss(ProxyLoss):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, temperature={self.temperature}"
-
-
-def _log1p_sum_exp_columns(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``log(1 + Σ_{rows in mask} exp(values))`` per column, stable; 0 for a column with no selected row."""
-    masked = values.masked_fill(~mask, float("-inf"))
-    zeros = torch.zeros(1, values.shape[1], dtype=values.dtype, device=values.device)
-    return torch.logsumexp(torch.cat([masked, zeros], dim=0), dim=0)
