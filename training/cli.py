@@ -75,10 +75,24 @@ def export_command(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint) or a checkpoint")
     parser.add_argument("--output_dir", required=True, help="where to write the exported model")
+    parser.add_argument(
+        "--onnx", action="store_true",
+        help='also write onnx/model.onnx (fp32) and onnx/model_quantized.onnx (8-bit), checked against PyTorch; '
+        'needs pip install "crossmetric[onnx]"',
+    )  # fmt: skip
+    parser.add_argument(
+        "--onnx_recall", choices=("auto", "on", "off"), default="auto",
+        help="Recall@1 of fp32 and 8-bit ONNX on the run's evaluation split (auto: for the glyph benchmark)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     from .export import export_checkpoint
 
-    print(f"exported to {export_checkpoint(args.checkpoint, args.output_dir)}")
+    try:
+        directory = export_checkpoint(args.checkpoint, args.output_dir, onnx=args.onnx, onnx_recall=args.onnx_recall)
+    except ImportError as error:
+        print(f"crossmetric export: error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported to {directory}")
     return 0
 
 

@@ -221,3 +221,31 @@ def export_onnx(
         raise
     logger.info("Wrote %s: %s", target, report)
     return report
+
+
+def export_onnx_for_run(
+    embedder: torch.nn.Module, directory: str | os.PathLike, config: Any, recall: str = "auto", check_images: int = 8
+) -> dict[str, Any]:
+    """:func:`export_onnx` with real images of the run's evaluation split (``config``: its ``TrainingConfig``).
+
+    The PyTorch comparison uses the split's first ``check_images`` images. ``recall``: ``"on"`` measures Recall@1
+    of fp32 and 8-bit on the whole split, ``"off"`` skips it, ``"auto"`` measures it for the glyph benchmark only
+    (12,000 images: about a minute on a CPU), where the card's Recall@1 comes from.
+    """
+    from .data import load_dml_dataset
+    from .transforms import attach_transform, build_transform, collate_fn
+
+    if recall not in ("auto", "on", "off"):
+        raise ValueError(f"--onnx_recall must be auto, on or off, got {recall!r}.")
+    dataset = load_dml_dataset(
+        config.dataset, data_dir=config.data_dir, image_column=config.image_column, label_column=config.label_column,
+        split_strategy=config.split_strategy, seed=config.seed, validation_fraction=config.validation_fraction,
+    )  # fmt: skip
+    split = dataset[config.eval_split]
+    first = attach_transform(split.select(range(min(check_images, len(split)))), build_transform(
+        embedder.config.preprocessing, train=False
+    ))  # fmt: skip
+    pixel_values = collate_fn([first[i] for i in range(len(first))])["pixel_values"]
+    measure = recall == "on" or (recall == "auto" and str(config.dataset).lower() == "glyphs")
+    name = f"{Path(str(config.dataset)).name} ({config.eval_split})"
+    return export_onnx(embedder, directory, pixel_values, eval_split=split if measure else None, eval_name=name)
