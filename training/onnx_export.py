@@ -77,7 +77,7 @@ def export_fp32(embedder: torch.nn.Module, path: Path) -> Path:
     embedder.eval()
     try:
         torch.onnx.export(
-            _TupleOutputs(embedder).cpu().float(),
+            _TupleOutputs(embedder).cpu().float().eval(),
             (example,),
             str(path),
             dynamo=True,
