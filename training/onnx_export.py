@@ -95,7 +95,13 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> Path:
     """8-bit dynamic quantization of ``fp32_path`` (unsigned 8-bit weights) into ``int8_path``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QUInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # the quantizer logs one INFO line per tensor on the root logger
+    try:
+        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QUInt8)
+    finally:
+        root.setLevel(level)
     return int8_path
 
 
