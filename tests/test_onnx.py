@@ -109,3 +109,27 @@ def test_onnx_backend_without_onnx_files_names_the_export_flag(exported, tmp_pat
         (plain / name).write_text((directory / name).read_text())
     with pytest.raises(FileNotFoundError, match="--onnx"):
         OnnxEmbedder(plain)
+
+
+def test_the_card_shows_every_route_and_the_onnx_check(exported) -> None:
+    from crossmetric.training.model_card import CrossMetricModelCardData, render_model_card
+
+    model, directory, _ = exported
+    report = json.loads((directory / "onnx" / "export_check.json").read_text())
+    report.update(eval_split="glyphs (test)", eval_images=12, fp32_recall_at_1=0.75, int8_recall_at_1=0.7456)
+    data = CrossMetricModelCardData.from_config(model.config, model_id="me/embedder", onnx=report)
+    card = str(render_model_card(data))
+    for route in (
+        "AutoModel",
+        '"image-feature-extraction"',
+        "SentenceTransformer(",
+        "onnxruntime.Inference",
+        "@huggingface/transformers",
+        "--backend onnx",
+        "onnx/model_quantized.onnx",
+        "modules.json",
+    ):
+        assert route in card, route
+    assert "fp32 0.7500, 8-bit\n0.7456" in card
+    without = str(render_model_card(CrossMetricModelCardData.from_config(model.config)))
+    assert "--onnx" in without and "onnxruntime.Inference" not in without

@@ -142,7 +142,7 @@ HANDLERS: dict[str, Callable[[Sequence[str]], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "datasets", "huggingface_hub"):
+    for noisy in ("httpx", "urllib3", "datasets", "huggingface_hub", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: crossmetric {train,evaluate,export,push,index build,search} [--help]\n\n" + (__doc__ or ""))
