@@ -75,10 +75,24 @@ def export_command(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint) or a checkpoint")
     parser.add_argument("--output_dir", required=True, help="where to write the exported model")
+    parser.add_argument(
+        "--onnx", action="store_true",
+        help='also write onnx/model.onnx (fp32) and onnx/model_quantized.onnx (8-bit), checked against PyTorch; '
+        'needs pip install "crossmetric[onnx]"',
+    )  # fmt: skip
+    parser.add_argument(
+        "--onnx_recall", choices=("auto", "on", "off"), default="auto",
+        help="Recall@1 of fp32 and 8-bit ONNX on the run's evaluation split (auto: for the glyph benchmark)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     from ..hub.export import export_checkpoint
 
-    print(f"exported to {export_checkpoint(args.checkpoint, args.output_dir)}")
+    try:
+        directory = export_checkpoint(args.checkpoint, args.output_dir, onnx=args.onnx, onnx_recall=args.onnx_recall)
+    except ImportError as error:
+        print(f"crossmetric export: error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported to {directory}")
     return 0
 
 
@@ -140,7 +154,7 @@ HANDLERS: dict[str, Callable[[Sequence[str]], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "datasets", "huggingface_hub"):
+    for noisy in ("httpx", "urllib3", "datasets", "huggingface_hub", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: crossmetric {train,evaluate,export,push,index build,search} [--help]\n\n" + (__doc__ or ""))

@@ -42,6 +42,7 @@ def add_index_build_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists per query (default: calibrated)")
     parser.add_argument("--target_recall", type=float, default=0.95, help="recall@10 the calibration aims for")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda when available)")
+    _add_backend_argument(parser)
     return parser
 
 
@@ -53,7 +54,15 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--top_k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print one JSON object per query")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda when available)")
+    _add_backend_argument(parser)
     return parser
+
+
+def _add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend", choices=("torch", "onnx"), default="torch",
+        help="torch (default), or onnx: ONNX Runtime on the CPU with the model's onnx/model.onnx (export --onnx)",
+    )  # fmt: skip
 
 
 def _error(command: str, message: str) -> int:
@@ -118,6 +127,7 @@ def run_index_build(ns: argparse.Namespace) -> int:
         "ef_search": ns.ef_search,
         "nprobe": ns.nprobe,
         "target_recall": ns.target_recall,
+        "backend": ns.backend,
     }
     try:
         if _distributed():
@@ -125,10 +135,10 @@ def run_index_build(ns: argparse.Namespace) -> int:
         else:
             import torch
 
-            device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = ns.device or ("cuda" if torch.cuda.is_available() and ns.backend == "torch" else "cpu")
             index = build_index(ns.model, images, device=device, **options)
             index.save(ns.output_dir)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:
         return _error("index build", str(error))
     if index is not None:
         print(f"{index} saved to {ns.output_dir}")
@@ -148,11 +158,16 @@ def run_search(ns: argparse.Namespace) -> int:
         missing = [image for image in ns.images if not Path(image).is_file()]
         if missing:
             raise ValueError(f"query image(s) not found: {', '.join(missing)}.")
-        register_retrieval_pipeline()
-        kwargs = {"index": ns.index} if ns.index else {}
-        retrieve = pipeline(TASK, model=ns.model, top_k=ns.top_k, device=ns.device, **kwargs)
-        results = retrieve(list(ns.images))
-    except (ValueError, FileNotFoundError) as error:
+        if ns.backend == "onnx":
+            from ..retrieval.onnx_search import search_with_onnx
+
+            results = search_with_onnx(ns.model, ns.index, list(ns.images), ns.top_k)
+        else:
+            register_retrieval_pipeline()
+            kwargs = {"index": ns.index} if ns.index else {}
+            retrieve = pipeline(TASK, model=ns.model, top_k=ns.top_k, device=ns.device, **kwargs)
+            results = retrieve(list(ns.images))
+    except (ValueError, FileNotFoundError, ImportError) as error:
         return _error("search", str(error))
     for image, hits in zip(ns.images, results):
         if ns.json:

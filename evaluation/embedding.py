@@ -47,14 +47,22 @@ class EmbeddedImages(NamedTuple):
 
 
 def load_embedder(
-    model: str | os.PathLike | torch.nn.Module, image_processor: Any | None = None
+    model: str | os.PathLike | torch.nn.Module, image_processor: Any | None = None, backend: str = "torch"
 ) -> tuple[CrossMetricModel, Any]:
     """Return ``(embedder, image_processor)`` from an exported folder / Hub id or from a model object.
+
+    ``backend="onnx"`` runs the folder's ``onnx/model.onnx`` with ONNX Runtime instead (no PyTorch model is loaded;
+    see :mod:`.onnx_embedding`).
 
     A folder is loaded with ``CrossMetricModel.from_pretrained`` (safetensors only) and its saved
     ``preprocessor_config.json``; a :class:`CrossMetricForMetricLearning` gives its embedder; a model object
     without ``image_processor`` gets the evaluation preprocessing built from its config.
     """
+    if backend != "torch":
+        from .onnx_embedding import check_backend, load_onnx_embedder
+
+        check_backend(backend)
+        return load_onnx_embedder(model, image_processor)
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoImageProcessor
 
@@ -81,7 +89,10 @@ def model_reference(model: torch.nn.Module) -> dict[str, Any]:
 
     The fingerprint is the sha256 of the final embedding layer's weights (cheap, and changes whenever the
     model is trained further), so that a search can warn when an index is used with another model.
+    An ONNX Runtime embedder gives its own (the same fingerprint, recorded at export).
     """
+    if hasattr(model, "model_reference"):
+        return model.model_reference()
     config = getattr(model, "config", None)
     reference: dict[str, Any] = {
         "name_or_path": str(getattr(model, "name_or_path", "") or getattr(config, "_name_or_path", "") or ""),

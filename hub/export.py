@@ -11,11 +11,12 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..model_cards.model_card import CrossMetricModelCardData, render_model_card
+from ..model_cards.model_card import CrossMetricModelCardData, render_model_card, write_model_card
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, save_embedder
 from ..training.checkpointing import resolve_checkpoint
 from ..training.config import TrainingConfig
 from ..training.pretrained import WEIGHT_SOURCES
+from .sentence_transformers_files import sentence_transformers_files
 
 
 def card_data_for_run(
@@ -61,15 +62,23 @@ def export_run(trainer: Any, metrics: dict[str, float]) -> Path:
             "README.md": str(render_model_card(data)),
             "metrics.json": json.dumps(metrics, indent=2),
             "training_config.yaml": yaml.safe_dump(trainer.config.to_dict(), sort_keys=False),
+            **sentence_transformers_files(),
         },
     )
 
 
-def export_checkpoint(run_or_checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+def export_checkpoint(
+    run_or_checkpoint: str | os.PathLike, output_dir: str | os.PathLike, onnx: bool = False, onnx_recall: str = "auto"
+) -> Path:
     """Export the embedder of a training checkpoint (a run folder's latest, or one checkpoint folder).
 
     The model is rebuilt from the run's ``training_config.yaml`` and filled from the checkpoint's safetensors.
+    ``onnx`` also writes and checks ``onnx/`` (see :func:`.onnx_export.export_onnx_for_run`), and the card says so.
     """
+    if onnx:
+        from .onnx_export import require_onnx
+
+        require_onnx()
     source = Path(run_or_checkpoint)
     checkpoint = source if (source / "trainer_state.json").exists() else resolve_checkpoint(source, "latest")
     config_path = _find_upwards(checkpoint, "training_config.yaml")
@@ -94,10 +103,16 @@ def export_checkpoint(run_or_checkpoint: str | os.PathLike, output_dir: str | os
         history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     evals = [r["eval"] for r in history if "eval" in r]
     data = card_data_for_run(config, model.config, history, evals[-1] if evals else None)
-    extra = {"README.md": str(render_model_card(data))}
+    extra = {"README.md": str(render_model_card(data)), **sentence_transformers_files()}
     if evals:
         extra["metrics.json"] = json.dumps(evals[-1], indent=2)
-    return save_embedder(model.embedder, output_dir, extra_files=extra)
+    directory = save_embedder(model.embedder, output_dir, extra_files=extra)
+    if onnx:
+        from .onnx_export import export_onnx_for_run
+
+        data.onnx = export_onnx_for_run(model.embedder, directory, config, onnx_recall)
+        write_model_card(data, directory)
+    return directory
 
 
 def _find_upwards(start: Path, name: str) -> Path:

@@ -125,6 +125,7 @@ class CrossMetricModelCardData:
     training_logs: list[dict[str, Any]] = field(default_factory=list)  # rows: epoch, step, loss, recall@1...
     eval_reports: list[EvalReport] = field(default_factory=list)
     citations: list[str] = field(default_factory=list)  # extra BibTeX entries (e.g. of the loss)
+    onnx: dict[str, Any] | None = None  # the ONNX export's check (training/onnx_export.py), when onnx/ was written
 
     @classmethod
     def from_config(cls, config: Any, **fields: Any) -> CrossMetricModelCardData:

@@ -61,6 +61,8 @@ class CrossMetricConfig(PretrainedConfig):
             ``"self"``: it is *i*'s own (an ablation).
         cia_loss_weight: lambda, the weight of the conditional losses against the base loss.
         cia_level_weights: per-level weights w_l (length L); ``None`` weighs every level 1.
+        projection_dim: always equal to ``embedding_dim``, written to ``config.json`` because sentence-transformers
+            reads the embedding size of a ``pooler_output`` model from ``projection_dim``.
     """
 
     model_type = "crossmetric"
@@ -85,6 +87,7 @@ class CrossMetricConfig(PretrainedConfig):
         cia_query: str = "other",
         cia_loss_weight: float = 1.0,
         cia_level_weights: list[float] | None = None,
+        projection_dim: int | None = None,
         **kwargs: Any,
     ) -> None:
         _check("backbone", backbone, lambda v: isinstance(v, str) and v.strip() != "", "a timm model name")
@@ -107,6 +110,7 @@ class CrossMetricConfig(PretrainedConfig):
         self.cia_query = cia_query
         self.cia_loss_weight = cia_loss_weight
         self.cia_level_weights = list(cia_level_weights) if cia_level_weights is not None else None
+        self.projection_dim = embedding_dim if projection_dim is None else projection_dim
         self._validate()
         super().__init__(**kwargs)
 
@@ -139,6 +143,7 @@ class CrossMetricConfig(PretrainedConfig):
                 lambda v: v is None or (len(v) == self.cia_levels and all(w >= 0 for w in v)),
                 f"None or a list of cia_levels={self.cia_levels} weights >= 0",
             ),
+            ("projection_dim", lambda v: v == self.embedding_dim, f"equal to embedding_dim={self.embedding_dim}"),
         ]
         for field, is_valid, expected in rules:
             _check(field, getattr(self, field), is_valid, expected)

@@ -126,10 +126,12 @@ def build_index(
     image_column: str = "image",
     label_column: str | None = "label",
     id_column: str | None = None,
+    backend: str = "torch",
     **index_kwargs: Any,
 ) -> EmbeddingIndex:
-    """Embed ``images`` (a folder or a dataset) with ``model`` (a folder, Hub id or model) in this process."""
-    embedder, processor = load_embedder(model, image_processor)
+    """Embed ``images`` (a folder or a dataset) with ``model`` (a folder, Hub id or model) in this process;
+    ``backend="onnx"`` embeds through ONNX Runtime (the folder's ``onnx/model.onnx``)."""
+    embedder, processor = load_embedder(model, image_processor, backend=backend)
     records = as_records(images, image_column, label_column, id_column)
     result = embed_images(
         embedder, processor, records.sources, batch_size, device, progress,
@@ -197,6 +199,7 @@ def build_index_distributed(
     label_column: str | None = "label",
     id_column: str | None = None,
     accelerator: Any | None = None,
+    backend: str = "torch",
     **index_kwargs: Any,
 ) -> EmbeddingIndex | None:
     """Build and save an index with every process of an ``accelerate launch`` run (or a single process).
@@ -214,7 +217,7 @@ def build_index_distributed(
     output = Path(output_dir)
     shards = output.parent / f".{output.name}.shards"
     records = as_records(folder_or_dataset, image_column, label_column, id_column)  # same order in every process
-    embedder, processor = load_embedder(model_dir)
+    embedder, processor = load_embedder(model_dir, backend=backend)
     if accelerator.is_main_process:
         shutil.rmtree(shards, ignore_errors=True)
         shards.mkdir(parents=True)
