@@ -43,14 +43,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 def resolve_dataset_name(name: str | os.PathLike) -> tuple[str, str]:
     """Classify a ``--dataset`` value as ``(kind, value)``.
 
-    kind is ``"glyphs"``, ``"benchmark"`` (value: cub200, cars196, sop or inshop), ``"saved"`` (a
+    kind is ``"glyphs"``, ``"emoji"``, ``"benchmark"`` (value: cub200, cars196, sop or inshop), ``"saved"`` (a
     ``save_to_disk`` folder), ``"folder"`` (an image folder) or ``"hub"`` (a Hub dataset id). A
     path-like value that does not exist is an error rather than a Hub id. Names win over folders:
     write ``./glyphs`` for a local folder called glyphs.
     """
     text = os.fspath(name).strip()
-    if text.lower() == "glyphs":
-        return "glyphs", "glyphs"
+    if text.lower() in ("glyphs", "emoji"):
+        return text.lower(), text.lower()
     if benchmark := benchmark_name(text):
         return "benchmark", benchmark
     path = Path(text).expanduser()
@@ -90,10 +90,10 @@ def _load_raw(dataset: Any, data_dir: str | os.PathLike | None) -> tuple[Dataset
     if not isinstance(dataset, (str, os.PathLike)):
         raise TypeError(f"dataset must be a name, a path or a datasets Dataset/DatasetDict, got {type(dataset)}.")
     kind, value = resolve_dataset_name(dataset)
-    if kind == "glyphs":
-        from .embedded import load_glyphs  # written separately; imported only when asked for
+    if kind in ("glyphs", "emoji"):
+        from .embedded import load_embedded  # shipped in the package; imported only when asked for
 
-        return load_glyphs(), ""
+        return load_embedded(kind), ""
     if kind == "benchmark":
         return load_benchmark(value, data_dir), ""
     if kind == "saved":
@@ -279,7 +279,7 @@ def load_dml_dataset(
     """Load ``dataset`` as class-disjoint DML splits with columns ``image`` and ``label`` (a ClassLabel).
 
     Args:
-        dataset: ``"glyphs"``; ``"cub200"``, ``"cars196"``, ``"sop"`` or ``"inshop"`` (read from
+        dataset: ``"glyphs"`` or ``"emoji"``; ``"cub200"``, ``"cars196"``, ``"sop"`` or ``"inshop"`` (read from
             ``data_dir``); an image folder (one sub-folder per class, optionally under train/ and
             test/); a ``save_to_disk`` folder; a ``Dataset``/``DatasetDict``; or a Hub id (online only).
         data_dir: where a benchmark's local copy lies (or a Hub dataset's data_dir).
