@@ -38,13 +38,10 @@ def train_command(argv: Sequence[str]) -> int:
     values = load_config_values(known.config)
     parser.set_defaults(**values)
     config, *_ = parser.parse_args_into_dataclasses(args=list(rest), look_for_args_file=False)
+    from ..training.config import write_text_atomic
     from ..training.trainer import CrossMetricTrainer
 
     trainer = CrossMetricTrainer(config)
-    zero_shot = None
-    if config.zero_shot_eval and not config.resume_from_checkpoint:
-        zero_shot = trainer.evaluate()
-        print(f"zero-shot (before training): {_format(zero_shot)}", flush=True)
     result = trainer.train()
     summary = {
         "run_directory": str(result.run_directory),
@@ -53,15 +50,24 @@ def train_command(argv: Sequence[str]) -> int:
         "train_seconds": round(result.train_seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1),
         "median_step_seconds": result.median_step_seconds,
-        "zero_shot": zero_shot,
+        "recipe": result.recipe,
+        "zero_shot": result.zero_shot,
         "final": result.metrics,
+        "selection_split": result.selection_split,
         "best": result.best_metrics,
+        "validation": result.validation_curve,
     }
     if trainer.accelerator.is_main_process:
-        (result.run_directory / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"after training: {_format(result.metrics)}")
-        if zero_shot:
-            print(f"Recall@1 {zero_shot['recall@1']:.4f} -> {result.metrics['recall@1']:.4f} on unseen classes")
+        write_text_atomic(result.run_directory / "summary.json", json.dumps(summary, indent=2))
+        label = {"test": " (selected on test: the literature's optimistic protocol)", None: " (last model)"}
+        print(f"test metrics of the exported model{label.get(result.selection_split, '')}: {_format(result.metrics)}")
+        if result.zero_shot:
+            print(
+                f"Recall@1 {result.zero_shot['recall@1']:.4f} -> {result.metrics['recall@1']:.4f} "
+                f"(MAP@R {result.zero_shot['map@r']:.4f} -> {result.metrics['map@r']:.4f}) on unseen test classes"
+            )
+        if result.best_metrics:
+            print(f"selected: step {result.best_metrics['step']} on {result.selection_split}")
         print(f"exported to {result.export_directory}" if result.export_directory else "")
     return 0
 

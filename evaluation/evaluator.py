@@ -1,7 +1,15 @@
-"""Embed an evaluation split with the embedder and compute the retrieval metrics on its unseen classes."""
+"""One evaluation protocol for every caller: embed unseen classes and compute their retrieval metrics.
+
+:class:`Evaluator` is chosen from a dataset's splits (leave-one-out on one split, or the In-Shop query-vs-gallery
+protocol) and serves the trainer (validation selection, the final test), ``crossmetric evaluate`` and the benchmark
+scripts, like sentence-transformers' evaluators with their ``primary_metric``. It also scores the two floors every
+report shows: raw pixels and the untrained (zero-shot) embedder.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -59,3 +67,95 @@ def evaluate_embedder(
     """Recall@K, MAP@R, R-precision and NMI of the embedder on ``split`` (every image queries all others)."""
     embeddings, labels = embed_split(embedder, split, batch_size=batch_size, device=device, progress=progress)
     return retrieval_metrics(embeddings, labels, ks=ks, seed=seed, progress=False)
+
+
+LEAVE_ONE_OUT_KS = (1, 2, 4, 8)
+QUERY_GALLERY_KS = (1, 10, 20, 30, 40, 50)  # the In-Shop protocol's K
+Embedded = list[tuple[np.ndarray, np.ndarray]]  # (embeddings, labels) of the split, or of query and gallery
+
+
+@dataclass
+class Evaluator:
+    """Retrieval metrics of an embedder on one evaluation set.
+
+    Args:
+        queries: a ``datasets`` split with ``image`` and ``label``; every image queries all others (leave-one-out)
+            unless ``gallery`` is given.
+        gallery: In-Shop's gallery split: the queries search it instead of each other.
+        name: what the set is called in logs and reports (``"validation"``, ``"test"``, ``"query vs gallery"``).
+        ks: K of Recall@K (default 1, 2, 4, 8; with a gallery 1, 10, 20, 30, 40, 50).
+        primary_metric: the metric a model is selected on.
+    """
+
+    queries: Any
+    gallery: Any | None = None
+    name: str = "test"
+    ks: tuple[int, ...] | None = None
+    batch_size: int = 256
+    seed: int = 0
+    primary_metric: str = "recall@1"
+
+    def __post_init__(self) -> None:
+        if self.ks is None:
+            self.ks = LEAVE_ONE_OUT_KS if self.gallery is None else QUERY_GALLERY_KS
+        if self.gallery is None and len(self.queries) < 2:
+            raise ValueError(f"split {self.name!r} has {len(self.queries)} image(s); leave-one-out needs at least 2.")
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, split: str = "test", max_images: int | None = None, **options: Any):
+        """The evaluator of ``dataset[split]``; ``"test"`` of a dataset with ``query`` and ``gallery`` splits (In-Shop)
+        is query vs gallery. ``max_images`` keeps the first N images of each evaluated split."""
+        if split not in dataset and split == "test" and {"query", "gallery"} <= set(dataset):
+            queries, gallery, name = dataset["query"], dataset["gallery"], "query vs gallery"
+        elif split in dataset:
+            queries, gallery, name = dataset[split], None, split
+        else:
+            raise ValueError(f"split {split!r} is not a split of this dataset (it has {list(dataset)}).")
+        if max_images is not None:
+            queries = queries.select(range(min(max_images, len(queries))))
+            gallery = gallery.select(range(min(max_images, len(gallery)))) if gallery is not None else None
+        return cls(queries, gallery, name, **options)
+
+    @property
+    def splits(self) -> list[Any]:
+        return [self.queries] if self.gallery is None else [self.queries, self.gallery]
+
+    def embed(self, embedder: CrossMetricModel, device: Any = None, progress: bool = True) -> Embedded:
+        """Embeddings and labels of the split, or of the query and the gallery split."""
+        return [
+            embed_split(embedder, s, batch_size=self.batch_size, device=device, progress=progress) for s in self.splits
+        ]
+
+    def metrics(self, embedded: Embedded) -> dict[str, float]:
+        """Recall@K, MAP@R, R-precision and NMI of already computed embeddings."""
+        (embeddings, labels), *gallery = embedded
+        options = {"gallery_embeddings": gallery[0][0], "gallery_labels": gallery[0][1]} if gallery else {}
+        return retrieval_metrics(embeddings, labels, ks=self.ks, seed=self.seed, progress=False, **options)
+
+    def __call__(self, embedder: CrossMetricModel, device: Any = None, progress: bool = True) -> dict[str, float]:
+        return self.metrics(self.embed(embedder, device, progress))
+
+    def evaluate_features(self, features: Callable[[Any], tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+        """Metrics of any embedding function of a split (e.g. :func:`raw_pixel_features`)."""
+        return self.metrics([features(s) for s in self.splits])
+
+
+def raw_pixel_features(split: Any, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The floor every trained model must beat: each image resized to ``size``×``size`` RGB, centred on its own mean
+    (a plain background counts as nothing, whatever its colour), L2-normalised."""
+    from PIL import Image
+
+    from ..training.data.image_loading import SkippedImages, load_rgb_image
+
+    raw = split.cast_column("image", type(split.features["image"])(decode=False))
+    rows, skipped = [], SkippedImages()
+    for record in raw["image"]:
+        image = load_rgb_image(record, skipped)
+        grey = (
+            np.zeros((size, size), np.float32)
+            if image is None
+            else np.asarray(image.convert("L").resize((size, size), Image.BILINEAR), np.float32)
+        )
+        vector = grey.reshape(-1) - grey.mean()
+        rows.append(vector / max(float(np.linalg.norm(vector)), 1e-12))
+    return np.stack(rows), np.asarray(split.with_format("numpy")["label"])

@@ -69,8 +69,14 @@ class TrainingConfig:
     image_column: str = field(default="image", metadata={"help": "image column of the dataset"})
     label_column: str = field(default="label", metadata={"help": "label column of the dataset"})
     split_strategy: str = field(default="official", metadata={"help": "official, sorted or shuffle class split"})
-    validation_fraction: float = field(default=0.0, metadata={"help": "train classes held out for validation"})
-    eval_split: str = field(default="test", metadata={"help": "split evaluated during training"})
+    validation_fraction: float = field(
+        default=0.2, metadata={"help": "fraction of the train classes held out (class-disjoint) to select the model on"}
+    )
+    eval_split: str = field(
+        default="validation",
+        metadata={"help": "split that selects the model during training; 'test' is the literature's best-on-test"},
+    )
+    selection_metric: str = field(default="recall@1", metadata={"help": "metric that picks the exported model"})
     max_eval_images: int | None = field(default=None, metadata={"help": "evaluate on at most this many images"})
     # output
     output_dir: str = field(default="outputs", metadata={"help": "runs are written to OUTPUT_DIR/RUN_NAME"})
@@ -105,24 +111,31 @@ class TrainingConfig:
     scale_min: float = field(default=0.6, metadata={"help": "RandomResizedCrop minimum area"})
     # optimisation
     optimizer: str = field(default="adamw", metadata={"help": "adamw or adam"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the embedding layer"})
-    backbone_learning_rate: float = field(default=3e-4, metadata={"help": "learning rate of the backbone"})
-    head_learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the cross-attention head"})
+    # None: chosen from the data by the recipe the dataset gets (training/recipes.py), then saved in the run's config
+    learning_rate: float | None = field(default=None, metadata={"help": "learning rate of the embedding layer"})
+    backbone_learning_rate: float | None = field(default=None, metadata={"help": "learning rate of the backbone"})
+    head_learning_rate: float | None = field(default=None, metadata={"help": "learning rate of the head"})
     weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
-    warmup_steps: int = field(default=20, metadata={"help": "warmup optimizer steps"})
+    warmup_steps: int | None = field(default=None, metadata={"help": "warmup optimizer steps"})
     max_grad_norm: float | None = field(default=5.0, metadata={"help": "gradient clipping; none to disable"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
     mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16"})
-    freeze_batchnorm: bool = field(default=False, metadata={"help": "BatchNorm statistics and affine frozen"})
+    freeze_batchnorm: bool | None = field(
+        default=None, metadata={"help": "BatchNorm statistics and affine frozen (default: when starting pretrained)"}
+    )
+    embedding_init: str = field(
+        default="auto",
+        metadata={"help": "pca (whitened PCA of pooled train features), random, auto (pca if pretrained)"},
+    )
     # schedule
-    batch_size: int = field(default=64, metadata={"help": "images per batch per process (P x K)"})
-    samples_per_class: int = field(default=4, metadata={"help": "K images per class in a batch"})
+    batch_size: int | None = field(default=None, metadata={"help": "images per batch per process (P x K)"})
+    samples_per_class: int | None = field(default=None, metadata={"help": "K images per class in a batch"})
     small_classes: str = field(default="replace", metadata={"help": "classes with < K images: replace or drop"})
-    num_epochs: int = field(default=3, metadata={"help": "epochs"})
-    steps_per_epoch: int | None = field(default=160, metadata={"help": "most batches per epoch per process (0: all)"})
+    num_epochs: int | None = field(default=None, metadata={"help": "epochs"})
+    steps_per_epoch: int | None = field(default=None, metadata={"help": "most batches per epoch per process (0: all)"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: epochs)"})
-    eval_every_epochs: int = field(default=0, metadata={"help": "evaluate every N epochs (0: only at the end)"})
+    eval_every_epochs: int | None = field(default=None, metadata={"help": "evaluate every N epochs (0: at the end)"})
     eval_batch_size: int = field(default=256, metadata={"help": "batch size for embedding evaluation images"})
     save_steps: int = field(default=0, metadata={"help": "also checkpoint every N optimizer steps (0: epoch ends)"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
@@ -148,18 +161,22 @@ class TrainingConfig:
             if not ok:
                 problems.append(message)
 
-        need(self.batch_size > 0, f"--batch_size={self.batch_size} must be positive")
-        need(self.samples_per_class > 0, f"--samples_per_class={self.samples_per_class} must be positive")
-        if self.batch_size > 0 and self.samples_per_class > 0:
+        positive = ("batch_size", "samples_per_class", "warmup_steps", "eval_every_epochs", "steps_per_epoch")
+        for name in positive:  # None: chosen by the recipe once the data is known
+            value = getattr(self, name)
+            need(value is None or value >= (1 if name in positive[:2] else 0), f"--{name}={value} must be positive")
+        need(self.embedding_init in ("auto", "pca", "random"), f"--embedding_init={self.embedding_init!r}: pca|random")
+        need(0 <= self.validation_fraction < 1, f"--validation_fraction={self.validation_fraction} must lie in [0, 1)")
+        if self.batch_size and self.samples_per_class and self.batch_size > 0 and self.samples_per_class > 0:
             need(
                 self.batch_size % self.samples_per_class == 0,
                 f"--batch_size={self.batch_size} is not P x K with K=--samples_per_class={self.samples_per_class}; "
                 f"use e.g. --batch_size {max(1, self.batch_size // self.samples_per_class) * self.samples_per_class}",
             )
         for name in ("learning_rate", "backbone_learning_rate", "head_learning_rate", "loss_learning_rate"):
-            need(getattr(self, name) > 0, f"--{name}={getattr(self, name)} must be > 0")
+            need(getattr(self, name) is None or getattr(self, name) > 0, f"--{name}={getattr(self, name)} must be > 0")
         need(self.weight_decay >= 0, f"--weight_decay={self.weight_decay} must be >= 0")
-        need(self.num_epochs > 0 or self.max_steps > 0, "--num_epochs or --max_steps must be positive")
+        need(self.num_epochs is None or self.num_epochs > 0 or self.max_steps > 0, "--num_epochs must be positive")
         need(self.gradient_accumulation_steps > 0, "--gradient_accumulation_steps must be positive")
         need(self.optimizer in ("adamw", "adam"), f"--optimizer={self.optimizer!r} must be adamw or adam")
         precisions = ("no", "bf16", "fp16")

@@ -23,15 +23,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..evaluation.evaluator import evaluate_embedder
+from ..evaluation.evaluator import Evaluator
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning
 from .checkpointing import complete_checkpoints, load_checkpoint, read_state, resolve_checkpoint, write_checkpoint
 from .config import TrainingConfig, write_text_atomic
+from .data.dml_dataset import label_array, load_dml_dataset
 from .data.sampler import ClassBalancedBatchSampler
 from .data.transforms import attach_transform, build_transform, collate_fn
 from .distributed import all_gather_labels, all_gather_with_gradient
+from .embedding_init import initialize_embedding_from_features
 from .fault_points import fault_point
+from .model_selection import ModelSelection, add_validation_split
 from .optimization import batchnorm_layers, build_optimizer, freeze_batchnorm_parameters
+from .recipes import fit_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +46,16 @@ class TrainingResult:
 
     run_directory: Path
     global_step: int
-    metrics: dict[str, float]
-    best_metrics: dict[str, float] | None
+    metrics: dict[str, float]  # test metrics of the selected (exported) model
+    best_metrics: dict[str, float] | None  # its metrics on the selection split, with its "step"
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
     export_directory: Path | None = None
     median_step_seconds: float | None = None
+    zero_shot: dict[str, float] | None = None  # test metrics of the starting model
+    selection_split: str | None = None  # "validation", "test" (best-on-test) or None (last model)
+    validation_curve: list[dict[str, Any]] = field(default_factory=list)  # {"step", metrics} of every candidate
+    recipe: list[str] = field(default_factory=list)  # what the recipe chose and why
 
 
 class CrossMetricTrainer:
@@ -72,8 +80,32 @@ class CrossMetricTrainer:
         )
         set_seed(config.seed)
         self.dataset = dataset if dataset is not None else self._load_dataset()
-        self._check_dataset()
+        if "train" not in self.dataset:
+            raise ValueError(f"The dataset has no 'train' split (it has {list(self.dataset)}).")
+        self.dataset, self.selection_split, selection_note = add_validation_split(self.dataset, config)
+        self.recipe = [*fit_recipe(config, label_array(self.dataset["train"]), self.accelerator.num_processes)]
+        self.recipe.append(selection_note)
+        config.validate()  # again, with the values the recipe chose
+        for line in self.recipe:
+            logger.info(line)
+        evaluation = {"max_images": config.max_eval_images, "batch_size": config.eval_batch_size, "seed": config.seed}
+        self.test_evaluator = Evaluator.from_dataset(self.dataset, "test", **evaluation)
+        self.selection_evaluator = None
+        if self.selection_split is not None:
+            self.selection_evaluator = Evaluator.from_dataset(
+                self.dataset, self.selection_split, primary_metric=config.selection_metric, **evaluation
+            )
+        self.selection = ModelSelection(self.run_directory, config.selection_metric)
         self.model = model if model is not None else self._build_model()
+        if config.embedding_init == "pca" and model is None and not config.resume_from_checkpoint:
+            initialize_embedding_from_features(
+                self.model.embedder,
+                self.dataset["train"],
+                seed=config.seed,
+                device=self.accelerator.device,
+                batch_size=config.eval_batch_size,
+                progress=config.progress and self.accelerator.is_local_main_process,
+            )
         # channels-last is 1.4-1.6x faster for CPU convolutions (measured on tf_efficientnet_lite0 at 64 px)
         self.model = self.model.to(memory_format=torch.channels_last)
         num_classes = self.dataset["train"].features["label"].num_classes
@@ -127,39 +159,21 @@ class CrossMetricTrainer:
         self.global_step = 0
         self.epoch = 0
         self.batches_done_in_epoch = 0
-        self.best_metrics: dict[str, float] | None = None
+        self.zero_shot: dict[str, float] | None = None
         self.history: list[dict[str, Any]] = []
         self.step_seconds: list[float] = []  # compute time of each batch (forward, loss, backward, step), no data
 
     # ----------------------------------------------------------------------------------------------- building
     def _load_dataset(self) -> Any:
-        from .data.dml_dataset import load_dml_dataset
-
         c = self.config
-        dataset = load_dml_dataset(
+        return load_dml_dataset(
             c.dataset,
             data_dir=c.data_dir,
             image_column=c.image_column,
             label_column=c.label_column,
             split_strategy=c.split_strategy,
             seed=c.seed,
-            validation_fraction=c.validation_fraction,
         )
-        if str(c.dataset).lower() == "glyphs":  # rendered by us: every image decodes
-            return dataset
-        from .data.image_loading import filter_unreadable
-
-        # Scraped data holds truncated or non-image files: drop them up front, not mid-run (it logs the count).
-        dataset, _ = filter_unreadable(dataset)
-        return dataset
-
-    def _check_dataset(self) -> None:
-        for split in ("train", self.config.eval_split):
-            if split not in self.dataset:
-                raise ValueError(
-                    f"The dataset has no {split!r} split (it has {list(self.dataset)}); "
-                    "set --eval_split to one of them."
-                )
 
     def _build_model(self) -> CrossMetricForMetricLearning:
         c = self.config
@@ -182,6 +196,10 @@ class CrossMetricTrainer:
             c.save_yaml(self.run_directory / "training_config.yaml")
         if c.report_to != "none":
             accelerator.init_trackers("crossmetric", config=_flat_config(c))
+        if self.global_step == 0 and self.batches_done_in_epoch == 0 and not self.validation_curve:
+            if c.zero_shot_eval:  # a report, never a candidate: the test split does not select anything
+                self.zero_shot = self._evaluate(self.test_evaluator, record="zero_shot")
+            self._select()  # the starting model is a candidate: the export is never worse on validation
         started = time.perf_counter()
         num_epochs = c.num_epochs if c.max_steps <= 0 else math.ceil(self.total_steps / max(1, len(self.sampler)))
         while self.epoch < num_epochs and self.global_step < self.total_steps:
@@ -192,11 +210,16 @@ class CrossMetricTrainer:
             if self.global_step >= self.total_steps or self.epoch >= num_epochs:
                 break
             if c.eval_every_epochs and self.epoch % c.eval_every_epochs == 0:
-                self._evaluate_and_track()
+                self._select()
             self._save_checkpoint()
         train_seconds = time.perf_counter() - started
-        metrics = self._evaluate_and_track()
+        if not self.validation_curve or self.validation_curve[-1]["step"] != self.global_step:
+            self._select()
         self._save_checkpoint()
+        accelerator.wait_for_everyone()
+        if self.selection.best is not None:  # every process continues with the selected weights
+            self.selection.restore(accelerator.unwrap_model(self.model))
+        metrics = self._evaluate(self.test_evaluator, record="final")
         accelerator.wait_for_everyone()
         export_directory = None
         if c.export and accelerator.is_main_process:
@@ -210,11 +233,15 @@ class CrossMetricTrainer:
             self.run_directory,
             self.global_step,
             metrics,
-            self.best_metrics,
+            self.selection.best,
             self.history,
             train_seconds,
             export_directory,
             statistics.median(self.step_seconds) if self.step_seconds else None,
+            self.zero_shot,
+            self.selection_split,
+            self.validation_curve,
+            self.recipe,
         )
 
     def _train_epoch(self) -> None:
@@ -305,34 +332,41 @@ class CrossMetricTrainer:
                 stream.write(json.dumps(record) + "\n")
 
     # ----------------------------------------------------------------------------------------------- evaluation
-    def evaluate(self) -> dict[str, float]:
-        """Retrieval metrics of the current embedder on the evaluation split (leave-one-out, unseen classes)."""
-        split = self.dataset[self.config.eval_split]
-        if self.config.max_eval_images and len(split) > self.config.max_eval_images:
-            split = split.select(range(self.config.max_eval_images))
-        embedder = self.accelerator.unwrap_model(self.model).embedder
-        return evaluate_embedder(
-            embedder,
-            split,
-            batch_size=self.config.eval_batch_size,
-            device=self.accelerator.device,
-            progress=self.config.progress and self.accelerator.is_local_main_process,
-            seed=self.config.seed,
-        )
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        """Retrieval metrics of the current embedder on unseen classes: ``"test"`` or the selection split."""
+        evaluator = self.test_evaluator if split == "test" else self.selection_evaluator
+        if evaluator is None:
+            raise ValueError(f"this run has no {split!r} evaluation (selection split: {self.selection_split}).")
+        return self._evaluate(evaluator)
 
-    def _evaluate_and_track(self) -> dict[str, float]:
-        metrics = self.evaluate() if self.accelerator.is_main_process else {}
-        self.accelerator.wait_for_everyone()
+    def _evaluate(self, evaluator: Evaluator, record: str | None = None) -> dict[str, float]:
+        """Metrics on the main process (the others wait); ``record`` names them in the log."""
+        metrics: dict[str, float] = {}
         if self.accelerator.is_main_process:
-            self._append_log({"step": self.global_step, "epoch": self.epoch, "eval": metrics})
-            if self.config.report_to != "none":
-                self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.global_step)
-            if self.best_metrics is None or metrics["recall@1"] > self.best_metrics["recall@1"]:
-                self.best_metrics = {**metrics, "step": self.global_step}
-                self.accelerator.unwrap_model(self.model).save_embedder(self.run_directory / "best")
-            logger.info("step %d: %s", self.global_step, metrics)
+            embedder = self.accelerator.unwrap_model(self.model).embedder
+            progress = self.config.progress and self.accelerator.is_local_main_process
+            metrics = evaluator(embedder, device=self.accelerator.device, progress=progress)
+            if record is not None:
+                self._append_log({"step": self.global_step, "epoch": self.epoch, record: metrics})
+            logger.info("step %d, %s: %s", self.global_step, evaluator.name, _format(metrics))
+        self.accelerator.wait_for_everyone()
         self._set_train_mode()
         return metrics
+
+    @property
+    def validation_curve(self) -> list[dict[str, Any]]:
+        return [{"step": r["step"], **r["eval"]} for r in self.history if "eval" in r]
+
+    def _select(self) -> None:
+        """Evaluate the current model on the selection split as a candidate for export."""
+        if self.selection_evaluator is None:
+            return
+        metrics = self._evaluate(self.selection_evaluator, record="eval")
+        if self.accelerator.is_main_process:
+            if self.config.report_to != "none":
+                self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.global_step)
+            self.selection.consider(self.global_step, metrics, self.accelerator.unwrap_model(self.model))
+        self.accelerator.wait_for_everyone()
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self) -> None:
@@ -340,7 +374,8 @@ class CrossMetricTrainer:
             "global_step": self.global_step,
             "epoch": self.epoch,
             "batches_done_in_epoch": self.batches_done_in_epoch,
-            "best_metrics": self.best_metrics,
+            "best_metrics": self.selection.best,
+            "zero_shot": self.zero_shot,
             "history_length": len(self.history),
             "num_processes": self.accelerator.num_processes,
         }
@@ -363,7 +398,8 @@ class CrossMetricTrainer:
         self.global_step = state["global_step"]
         self.epoch = state["epoch"]
         self.batches_done_in_epoch = state["batches_done_in_epoch"]
-        self.best_metrics = state["best_metrics"]
+        self.selection.best = state["best_metrics"]
+        self.zero_shot = state.get("zero_shot")
         log = self.run_directory / "log.jsonl"
         if log.exists():  # drop log lines written after the checkpoint, by the run that was interrupted
             lines = log.read_text().splitlines()[: state["history_length"]]
@@ -381,6 +417,10 @@ def _head_overrides(model_config: Any) -> dict[str, Any]:
     """Head fields of the training config that override those of a loaded crossmetric model."""
     names = ("cia_levels", "cia_heads", "cia_dim", "cia_mlp_ratio", "cia_dropout", "cia_query", "cia_loss_weight")
     return {name: getattr(model_config, name) for name in names}
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
 def _flat_config(config: TrainingConfig) -> dict[str, Any]:

@@ -123,7 +123,7 @@ def _as_dict(raw: Dataset | DatasetDict) -> DatasetDict:
     return raw if isinstance(raw, DatasetDict) else DatasetDict(train=raw)
 
 
-def _label_array(split: Dataset, column: str = "label") -> np.ndarray:
+def label_array(split: Dataset, column: str = "label") -> np.ndarray:
     """The labels as a numpy array, read through Arrow (iterating ``split["label"]`` is ~100x slower)."""
     values = split.with_format("arrow")[column]
     if values.null_count or not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
@@ -163,7 +163,7 @@ def _encode_labels(dd: DatasetDict) -> DatasetDict:
         return dd
     values = {}
     for name, split in dd.items():
-        raw = _label_array(split)
+        raw = label_array(split)
         feature = split.features["label"]
         if isinstance(feature, ClassLabel):
             raw = np.asarray(feature.int2str(raw.tolist()), dtype=object)
@@ -184,7 +184,7 @@ def _encode_labels(dd: DatasetDict) -> DatasetDict:
 
 
 def _classes_by_split(dd: DatasetDict) -> dict[str, set[int]]:
-    return {name: set(np.unique(_label_array(split)).tolist()) for name, split in dd.items()}
+    return {name: set(np.unique(label_array(split)).tolist()) for name, split in dd.items()}
 
 
 def _check_disjoint(dd: DatasetDict, groups: list[list[str]]) -> None:
@@ -203,11 +203,11 @@ def _check_disjoint(dd: DatasetDict, groups: list[list[str]]) -> None:
 
 
 def _select_classes(split: Dataset, classes: set[int]) -> Dataset:
-    return split.select(np.flatnonzero(np.isin(_label_array(split), sorted(classes))).tolist())
+    return split.select(np.flatnonzero(np.isin(label_array(split), sorted(classes))).tolist())
 
 
 def _split_by_class(ds: Dataset, strategy: str, seed: int) -> DatasetDict:
-    classes = np.unique(_label_array(ds))
+    classes = np.unique(label_array(ds))
     if strategy == "shuffle":
         classes = np.random.default_rng(seed).permutation(classes)
     n_train = (len(classes) + 1) // 2
@@ -217,8 +217,9 @@ def _split_by_class(ds: Dataset, strategy: str, seed: int) -> DatasetDict:
     )
 
 
-def _carve_validation(dd: DatasetDict, fraction: float, strategy: str, seed: int) -> DatasetDict:
-    classes = np.unique(_label_array(dd["train"]))
+def carve_validation(dd: DatasetDict, fraction: float, strategy: str, seed: int) -> DatasetDict:
+    """Move a (seeded, or sorted) fraction of the train classes into a class-disjoint ``validation`` split."""
+    classes = np.unique(label_array(dd["train"]))
     n_validation = max(1, round(fraction * len(classes)))
     if n_validation > len(classes) - 2:
         raise ValueError(
@@ -242,7 +243,7 @@ def _check_splits(dd: DatasetDict) -> None:
     for name, split in dd.items():
         if len(split) == 0:
             raise ValueError(f"Split {name!r} is empty.")
-        counts = np.bincount(_label_array(split))
+        counts = np.bincount(label_array(split))
         counts = counts[counts > 0]
         if name in ("query", "gallery"):
             continue  # a query's positives are in the gallery, checked below
@@ -328,7 +329,7 @@ def load_dml_dataset(
         )
         dd = _split_by_class(merged, "shuffle" if split_strategy == "shuffle" else "sorted", seed)
     if validation_fraction > 0:
-        dd = _carve_validation(dd, validation_fraction, split_strategy, seed)
+        dd = carve_validation(dd, validation_fraction, split_strategy, seed)
     _check_splits(dd)
     return dd
 
@@ -337,7 +338,7 @@ def describe_dataset(dd: DatasetDict) -> str:
     """Per split: images, classes and images per class (min / median / max), one line each."""
     lines = []
     for name, split in dd.items():
-        counts = np.bincount(_label_array(split)) if len(split) else np.zeros(0, dtype=int)
+        counts = np.bincount(label_array(split)) if len(split) else np.zeros(0, dtype=int)
         counts = counts[counts > 0]
         if len(counts):
             stats = f"images per class min {counts.min()}, median {np.median(counts):g}, max {counts.max()}"
