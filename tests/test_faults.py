@@ -34,9 +34,9 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file
 
 from crossmetric import CrossMetricConfig, CrossMetricForMetricLearning, CrossMetricModel
+from crossmetric.cli import main as cli
 from crossmetric.hub.push import HubPushError, push_to_hub_folder
 from crossmetric.modeling import modeling_crossmetric
-from crossmetric.cli import main as cli
 from crossmetric.training.checkpointing import complete_checkpoints, resolve_checkpoint
 from crossmetric.training.trainer import CrossMetricTrainer
 

@@ -31,8 +31,8 @@ from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, pipeline
 
 from crossmetric import CrossMetricForMetricLearning, CrossMetricModel
-from crossmetric.modeling.modeling_crossmetric import save_embedder
 from crossmetric.cli import main as cli
+from crossmetric.modeling.modeling_crossmetric import save_embedder
 
 hub_server = _hub_server.hub_server  # the fixture, bound here so that pytest finds it
 

@@ -25,8 +25,9 @@ from transformers import get_scheduler
 
 from ..evaluation.evaluator import evaluate_embedder
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning
+from ..utils.atomic_files import write_atomic as write_text_atomic
 from .checkpointing import complete_checkpoints, load_checkpoint, read_state, resolve_checkpoint, write_checkpoint
-from .config import TrainingConfig, write_text_atomic
+from .config import TrainingConfig
 from .data.sampler import ClassBalancedBatchSampler
 from .data.transforms import attach_transform, build_transform, collate_fn
 from .distributed import all_gather_labels, all_gather_with_gradient
@@ -202,7 +203,7 @@ class CrossMetricTrainer:
         if c.export and accelerator.is_main_process:
             from ..hub.export import export_run
 
-            export_directory = export_run(self, metrics)
+            export_directory = export_run(self.run_directory, self.model, c, metrics, self.history)
         accelerator.wait_for_everyone()
         if c.report_to != "none":
             accelerator.end_training()
@@ -379,8 +380,9 @@ class CrossMetricTrainer:
 
 def _head_overrides(model_config: Any) -> dict[str, Any]:
     """Head fields of the training config that override those of a loaded crossmetric model."""
-    names = ("cia_levels", "cia_heads", "cia_dim", "cia_mlp_ratio", "cia_dropout", "cia_query", "cia_loss_weight")
-    return {name: getattr(model_config, name) for name in names}
+    from ..modeling.configuration_crossmetric import HEAD_FIELDS
+
+    return {name: getattr(model_config, name) for name in HEAD_FIELDS}
 
 
 def _flat_config(config: TrainingConfig) -> dict[str, Any]:
