@@ -18,6 +18,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 from ..hub.model_loading import load_embedder, load_training_checkpoint, resolve_model
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel
 from ..utils.atomic_files import staged_directory, write_atomic
+from .logging_setup import add_log_level_argument
 
 LEAVE_ONE_OUT_KS = (1, 2, 4, 8)
 QUERY_GALLERY_KS = (1, 10, 20, 30, 40, 50)  # the In-Shop protocol's K
@@ -36,14 +38,21 @@ Embedded = list[tuple[np.ndarray, np.ndarray]]  # (embeddings, labels) of one sp
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``crossmetric evaluate``."""
-    parser.add_argument("--model", required=True, help="exported model folder, training run folder, or Hub id")
+    parser.add_argument(
+        "--model", required=True, help="exported model folder, training run folder, checkpoint, or Hub id"
+    )
     parser.add_argument("--dataset", required=True, help="glyphs, cub200, cars196, sop, inshop, image folder, ...")
     parser.add_argument("--data_dir", default=None, help="local copy of a standard benchmark")
     parser.add_argument("--split", default="test", help="split to evaluate (In-Shop: query vs gallery)")
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--label_column", default="label")
     parser.add_argument("--split_strategy", default="official", choices=("official", "sorted", "shuffle"))
-    parser.add_argument("--output_dir", type=Path, default=None, help="default: evaluations/MODEL-DATASET-SPLIT")
+    parser.add_argument(
+        "--output_dir",
+        type=Path,
+        default=None,
+        help="the folder to write metrics.json and report/ to (default: evaluations/MODEL-DATASET-SPLIT)",
+    )
     parser.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--baseline_model", default=None, help="a second model to compare on the same split")
     parser.add_argument(
@@ -57,7 +66,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled queries, pairs and k-means")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda when available)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    return parser
+    return add_log_level_argument(parser)
 
 
 # ------------------------------------------------------------------------------------------------- the plan
@@ -303,3 +312,13 @@ def run_evaluate(ns: argparse.Namespace) -> int:
     _print_metrics(metrics, baseline_metrics)
     print(f"metrics written to {plan.output_dir / 'metrics.json'}; report in {report}")
     return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """Parse ``argv`` and run ``crossmetric evaluate``."""
+    parser = argparse.ArgumentParser(
+        prog="crossmetric evaluate",
+        description="Embed a dataset's test split with a model, compute retrieval metrics and write a report with "
+        "pictures.",
+    )
+    return run_evaluate(add_evaluate_arguments(parser).parse_args(list(argv)))
