@@ -29,7 +29,7 @@ import torch
 from ..hub.model_loading import load_embedder, load_training_checkpoint, resolve_model
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel
 from ..utils.atomic_files import staged_directory, write_atomic
-from .logging_setup import add_log_level_argument
+from .logging_setup import add_log_level_argument, progress_default
 
 LEAVE_ONE_OUT_KS = (1, 2, 4, 8)
 QUERY_GALLERY_KS = (1, 10, 20, 30, 40, 50)  # the In-Shop protocol's K
@@ -65,7 +65,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--ks", type=int, nargs="+", default=None, help="K of Recall@K (default 1 2 4 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled queries, pairs and k-means")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda when available)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=progress_default(),
+        help="progress bars (default: on a terminal only)",
+    )
     return add_log_level_argument(parser)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..hub.model_loading import resolve_model
 from ..retrieval.storage import KINDS
-from .logging_setup import add_log_level_argument
+from .logging_setup import add_log_level_argument, progress_default
 
 SUBCOMMANDS = ("build",)
 
@@ -47,6 +47,12 @@ def add_index_build_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists per query (default: calibrated)")
     parser.add_argument("--target_recall", type=float, default=0.95, help="recall@10 the calibration aims for")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda when available)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=progress_default(),
+        help="progress bars (default: on a terminal only)",
+    )
     return add_log_level_argument(parser)
 
 
@@ -99,6 +105,7 @@ def run_index_build(ns: argparse.Namespace) -> int:
     options = {
         "kind": ns.kind,
         "batch_size": ns.batch_size,
+        "progress": ns.progress,
         "num_workers": ns.num_workers,
         "image_column": ns.image_column,
         "label_column": ns.label_column,

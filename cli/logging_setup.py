@@ -8,9 +8,10 @@ httpx, ...) stays behind ``--log_level``:
 * ``--log_level warning`` / ``error``: that level for everything;
 * ``--log_level debug``: everything at DEBUG, libraries included.
 
-Progress bars: when stderr is not a terminal (a log file, CI), tqdm redraws at most every
-:data:`NON_TTY_MININTERVAL` seconds and the Hugging Face libraries' own bars are off, so a log file does not fill
-with thousands of carriage-return updates.
+Progress bars: when stderr is not a terminal (a log file, CI), the commands' ``--progress`` defaults to off
+(:func:`progress_default`; the trainer's INFO line every ``logging_steps`` shows progress instead), bars asked for
+with ``--progress True`` redraw at most every :data:`NON_TTY_MININTERVAL` seconds, and the Hugging Face libraries'
+own bars are off, so a log file does not fill with thousands of carriage-return updates.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def add_log_level_argument(parser: argparse.ArgumentParser) -> argparse.Argument
         "unless debug (default: info)",
     )
     return parser
+
+
+def progress_default() -> bool:
+    """The default of ``--progress``: bars on a terminal, none in a log file."""
+    return sys.stderr.isatty()
 
 
 def split_log_level(argv: list[str]) -> tuple[str, list[str]]:
@@ -105,3 +111,15 @@ def _throttle_progress_bars() -> None:
     os.environ.setdefault("TQDM_MININTERVAL", str(NON_TTY_MININTERVAL))
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # already imported (``import crossmetric`` imports transformers): they read the variables too early
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()

@@ -10,7 +10,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from .logging_setup import add_log_level_argument
+from .logging_setup import add_log_level_argument, progress_default
 
 
 def main(argv: Sequence[str]) -> int:
@@ -34,6 +34,7 @@ def main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--config", default=None, help="recipe name or YAML file; command-line fields win")
     add_log_level_argument(parser)
+    parser.set_defaults(progress=progress_default())  # a recipe, YAML file or --progress wins
     values = load_config_values(known.config)
     parser.set_defaults(**values)
     config, *_ = parser.parse_args_into_dataclasses(args=list(rest), look_for_args_file=False)
