@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,26 +26,33 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..hub.model_loading import load_embedder, load_training_checkpoint, resolve_model
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel
-from ..training.checkpointing import complete_checkpoints
-from ..training.config import TrainingConfig, write_text_atomic
+from ..utils.atomic_files import staged_directory, write_atomic
+from .logging_setup import add_log_level_argument, progress_default
 
 LEAVE_ONE_OUT_KS = (1, 2, 4, 8)
 QUERY_GALLERY_KS = (1, 10, 20, 30, 40, 50)  # the In-Shop protocol's K
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 Embedded = list[tuple[np.ndarray, np.ndarray]]  # (embeddings, labels) of one split, or of query and gallery
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``crossmetric evaluate``."""
-    parser.add_argument("--model", required=True, help="exported model folder, training run folder, or Hub id")
+    parser.add_argument(
+        "--model", required=True, help="exported model folder, training run folder, checkpoint, or Hub id"
+    )
     parser.add_argument("--dataset", required=True, help="glyphs, cub200, cars196, sop, inshop, image folder, ...")
     parser.add_argument("--data_dir", default=None, help="local copy of a standard benchmark")
     parser.add_argument("--split", default="test", help="split to evaluate (In-Shop: query vs gallery)")
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--label_column", default="label")
     parser.add_argument("--split_strategy", default="official", choices=("official", "sorted", "shuffle"))
-    parser.add_argument("--output_dir", type=Path, default=None, help="default: evaluations/MODEL-DATASET-SPLIT")
+    parser.add_argument(
+        "--output_dir",
+        type=Path,
+        default=None,
+        help="the folder to write metrics.json and report/ to (default: evaluations/MODEL-DATASET-SPLIT)",
+    )
     parser.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--baseline_model", default=None, help="a second model to compare on the same split")
     parser.add_argument(
@@ -60,91 +65,13 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--ks", type=int, nargs="+", default=None, help="K of Recall@K (default 1 2 4 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled queries, pairs and k-means")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda when available)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    return parser
-
-
-# ------------------------------------------------------------------------------------------------- model loading
-def load_training_checkpoint(path: str | os.PathLike) -> CrossMetricForMetricLearning:
-    """The full training model (embedder + head) of a checkpoint folder, or of a run folder's latest checkpoint.
-
-    The model is rebuilt from the run's ``training_config.yaml`` (found in the checkpoint folder or above it) and
-    filled from the checkpoint's ``model.safetensors`` strictly: any missing or unexpected weight is an error.
-    """
-    from safetensors.torch import load_file
-
-    source = Path(path)
-    if not source.is_dir():
-        raise FileNotFoundError(f"checkpoint {str(source)!r}: no such folder.")
-    if (source / "trainer_state.json").is_file():
-        checkpoint = source
-    elif complete_checkpoints(source):
-        checkpoint = complete_checkpoints(source)[-1]
-    else:
-        raise FileNotFoundError(
-            f"checkpoint {str(source)!r} is neither a training checkpoint (no trainer_state.json) nor a run folder "
-            "with complete checkpoints under checkpoints/."
-        )
-    config_path = next(
-        (
-            folder / "training_config.yaml"
-            for folder in (checkpoint, *checkpoint.parents)
-            if (folder / "training_config.yaml").is_file()
-        ),
-        None,
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=progress_default(),
+        help="progress bars (default: on a terminal only)",
     )
-    if config_path is None:
-        raise FileNotFoundError(f"No training_config.yaml in {checkpoint} or above it: is it a crossmetric run?")
-    weights = checkpoint / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{checkpoint} has no model.safetensors; is it a crossmetric training checkpoint?")
-    config = TrainingConfig.from_yaml(config_path)
-    model_config = config.model_config()
-    if config.model_name_or_path:  # the run started from a model: its architecture, with the run's head fields
-        from ..modeling.configuration_crossmetric import CrossMetricConfig
-
-        head = {k: v for k, v in model_config.to_dict().items() if k.startswith("cia_")}
-        model_config = CrossMetricConfig.from_pretrained(config.model_name_or_path, **head)
-    model = CrossMetricForMetricLearning(model_config)
-    try:
-        model.load_state_dict(load_file(weights), strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"{weights} does not match the model described by {config_path}: {error}") from error
-    return model.eval()
-
-
-def resolve_model(value: str, flag: str = "--model") -> tuple[str, Path | str]:
-    """Classify a model argument as ``("export", folder)``, ``("checkpoint", run_or_checkpoint)`` or
-    ``("hub", id)``; a training run folder resolves to its ``model/`` export when it has one."""
-    path = Path(value).expanduser()
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return "export", path
-        if (path / "model" / "config.json").is_file():
-            return "export", path / "model"
-        if (path / "trainer_state.json").is_file() or complete_checkpoints(path):
-            return "checkpoint", path
-        raise ValueError(
-            f"{flag} {value!r} has no config.json, no model/ export and no checkpoints/: pass an exported model "
-            "folder (crossmetric export), a training run folder, or a Hub id."
-        )
-    if path.exists():
-        raise ValueError(f"{flag} {value!r} is a file; pass an exported model folder or a Hub id.")
-    if not _HUB_ID.match(value):
-        raise ValueError(f"{flag} {value!r}: no such folder (and not a Hub id of the form user/name).")
-    return "hub", value
-
-
-def load_embedder(value: str, flag: str = "--model") -> CrossMetricModel:
-    """The embedder named by a model argument (see :func:`resolve_model`), in eval mode."""
-    kind, source = resolve_model(value, flag)
-    if kind == "checkpoint":
-        return load_training_checkpoint(source).embedder.eval()
-    try:
-        return CrossMetricModel.from_pretrained(str(source)).eval()
-    except OSError as error:
-        where = "the Hub (it is not a local folder)" if kind == "hub" else str(source)
-        raise ValueError(f"{flag} {value!r}: could not load a crossmetric model from {where}: {error}") from error
+    return add_log_level_argument(parser)
 
 
 # ------------------------------------------------------------------------------------------------- the plan
@@ -224,8 +151,8 @@ def prepare(ns: argparse.Namespace) -> EvaluationPlan:
                 f"--checkpoint {ns.checkpoint!r} was trained without the cross-image-attention head (cia_levels=0), "
                 "so it has no attention to draw; pass a run trained with cia_levels > 0, or leave out --checkpoint."
             )
-    embedder = load_embedder(ns.model)
-    baseline = load_embedder(ns.baseline_model, "--baseline_model") if ns.baseline_model else None
+    embedder = load_embedder(ns.model)[0]
+    baseline = load_embedder(ns.baseline_model, flag="--baseline_model")[0] if ns.baseline_model else None
     ks = tuple(ns.ks) if ns.ks else (LEAVE_ONE_OUT_KS if gallery is None else QUERY_GALLERY_KS)
     return EvaluationPlan(embedder, baseline, training_model, queries, gallery, ks, output_dir, split_name)
 
@@ -326,10 +253,8 @@ def _write_report(
     """Write the report into a staging folder and swap it in, so ``report/`` is always complete."""
     from ..evaluation.reports import plot_recall_at_k, write_report
 
-    plan.output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".report.partial-", dir=plan.output_dir))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the report is meant to be shared
+    target = plan.output_dir / "report"
+    with staged_directory(target) as staging:
         max_k = max(plan.ks)
         curves = {"model": _curve(embedded, max_k)}
         if baseline_embedded is not None:
@@ -357,13 +282,6 @@ def _write_report(
         details["Recall@K for K = 1.." + str(max_k)] = "[recall_at_k.json](recall_at_k.json)"
         (staging / "recall_at_k.json").write_text(json.dumps({"k": list(range(1, max_k + 1)), **curves}, indent=2))
         write_report(staging, table, pictures, details)
-        target = plan.output_dir / "report"
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -392,10 +310,20 @@ def run_evaluate(ns: argparse.Namespace) -> int:
         baseline_embedded = _embed(plan.baseline, plan, ns, device)
         baseline_metrics = _metrics(baseline_embedded, plan.ks, ns.seed)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(plan.output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_atomic(plan.output_dir / "metrics.json", json.dumps(metrics, indent=2))
     if baseline_metrics is not None:
-        write_text_atomic(plan.output_dir / "baseline_metrics.json", json.dumps(baseline_metrics, indent=2))
+        write_atomic(plan.output_dir / "baseline_metrics.json", json.dumps(baseline_metrics, indent=2))
     report = _write_report(plan, ns, device, embedded, baseline_embedded, metrics, baseline_metrics)
     _print_metrics(metrics, baseline_metrics)
     print(f"metrics written to {plan.output_dir / 'metrics.json'}; report in {report}")
     return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """Parse ``argv`` and run ``crossmetric evaluate``."""
+    parser = argparse.ArgumentParser(
+        prog="crossmetric evaluate",
+        description="Embed a dataset's test split with a model, compute retrieval metrics and write a report with "
+        "pictures.",
+    )
+    return run_evaluate(add_evaluate_arguments(parser).parse_args(list(argv)))

@@ -24,8 +24,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..modeling.image_processing_crossmetric import build_image_processor
-from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel
 from ..training.data.image_loading import SkippedImages, load_rgb_image
 
 logger = logging.getLogger(__name__)
@@ -44,44 +42,6 @@ class EmbeddedImages(NamedTuple):
     embeddings: np.ndarray
     kept: np.ndarray
     skipped: SkippedImages
-
-
-def load_embedder(
-    model: str | os.PathLike | torch.nn.Module, image_processor: Any | None = None, backend: str = "torch"
-) -> tuple[CrossMetricModel, Any]:
-    """Return ``(embedder, image_processor)`` from an exported folder / Hub id or from a model object.
-
-    ``backend="onnx"`` runs the folder's ``onnx/model.onnx`` with ONNX Runtime instead (no PyTorch model is loaded;
-    see :mod:`.onnx_embedding`).
-
-    A folder is loaded with ``CrossMetricModel.from_pretrained`` (safetensors only) and its saved
-    ``preprocessor_config.json``; a :class:`CrossMetricForMetricLearning` gives its embedder; a model object
-    without ``image_processor`` gets the evaluation preprocessing built from its config.
-    """
-    if backend != "torch":
-        from .onnx_embedding import check_backend, load_onnx_embedder
-
-        check_backend(backend)
-        return load_onnx_embedder(model, image_processor)
-    if isinstance(model, (str, os.PathLike)):
-        from transformers import AutoImageProcessor
-
-        path = Path(model)
-        if path.exists() and not (path / "config.json").is_file():
-            raise ValueError(f"model {str(path)!r} has no config.json: pass a folder written by save_embedder().")
-        embedder = CrossMetricModel.from_pretrained(model)
-        if image_processor is None:
-            image_processor = AutoImageProcessor.from_pretrained(model)
-        return embedder, image_processor
-    if isinstance(model, CrossMetricForMetricLearning):
-        model = model.embedder
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be an exported model folder, a Hub id or a torch module, got {type(model)}.")
-    if image_processor is None:
-        if not hasattr(model, "config") or not hasattr(model.config, "image_size"):
-            raise ValueError("model has no CrossMetricConfig to build preprocessing from: pass image_processor=.")
-        image_processor = build_image_processor(model.config)
-    return model, image_processor
 
 
 def model_reference(model: torch.nn.Module) -> dict[str, Any]:

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from ..model_cards.model_card import CrossMetricModelCardData, render_model_card, write_model_card
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, save_embedder
-from ..training.checkpointing import resolve_checkpoint
 from ..training.config import TrainingConfig
 from ..training.pretrained import WEIGHT_SOURCES
+from .model_loading import find_training_checkpoint, load_training_checkpoint
 from .sentence_transformers_files import sentence_transformers_files
 
 
@@ -51,20 +51,33 @@ def card_data_for_run(
     return data
 
 
-def export_run(trainer: Any, metrics: dict[str, float]) -> Path:
-    """Write ``RUN/model``: weights without the head, config, preprocessing, model card, metrics, training config."""
-    embedder = trainer.accelerator.unwrap_model(trainer.model).embedder
-    data = card_data_for_run(trainer.config, embedder.config, trainer.history, metrics)
-    return save_embedder(
-        embedder,
-        trainer.run_directory / "model",
-        extra_files={
-            "README.md": str(render_model_card(data)),
-            "metrics.json": json.dumps(metrics, indent=2),
-            "training_config.yaml": yaml.safe_dump(trainer.config.to_dict(), sort_keys=False),
-            **sentence_transformers_files(),
-        },
-    )
+def export_run(
+    run_directory: str | os.PathLike,
+    model: torch.nn.Module,
+    config: TrainingConfig,
+    metrics: dict[str, float] | None,
+    history: Sequence[dict[str, Any]] = (),
+) -> Path:
+    """Write ``run_directory/model``: weights without the head, config, preprocessing, model card, metrics and
+    training config.
+
+    Takes plain values (not the trainer), so that export does not depend on the trainer's internals: ``model`` is
+    the training model (possibly wrapped by accelerate/DDP/``torch.compile``) or its embedder, ``config`` the
+    run's :class:`TrainingConfig`, ``history`` the run's log records (for the card's training table).
+    """
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model)
+    embedder = model.embedder if isinstance(model, CrossMetricForMetricLearning) else model
+    data = card_data_for_run(config, embedder.config, list(history), metrics)
+    extra = {
+        "README.md": str(render_model_card(data)),
+        "training_config.yaml": yaml.safe_dump(config.to_dict(), sort_keys=False),
+        **sentence_transformers_files(),
+    }
+    if metrics:
+        extra["metrics.json"] = json.dumps(metrics, indent=2)
+    return save_embedder(embedder, Path(run_directory) / "model", extra_files=extra)
 
 
 def export_checkpoint(
@@ -72,31 +85,18 @@ def export_checkpoint(
 ) -> Path:
     """Export the embedder of a training checkpoint (a run folder's latest, or one checkpoint folder).
 
-    The model is rebuilt from the run's ``training_config.yaml`` and filled from the checkpoint's safetensors.
-    ``onnx`` also writes and checks ``onnx/`` (see :func:`.onnx_export.export_onnx_for_run`), and the card says so.
+    The model is rebuilt and loaded strictly by :func:`~crossmetric.hub.model_loading.load_training_checkpoint`
+    (the same loading as ``crossmetric evaluate --checkpoint``, with the run's head fields); the card's training
+    table and metrics come from the run's ``log.jsonl``. ``onnx`` also writes and checks ``onnx/`` (see
+    :func:`.onnx_export.export_onnx_for_run`), and the card says so.
     """
     if onnx:
         from .onnx_export import require_onnx
 
         require_onnx()
-    source = Path(run_or_checkpoint)
-    checkpoint = source if (source / "trainer_state.json").exists() else resolve_checkpoint(source, "latest")
-    config_path = _find_upwards(checkpoint, "training_config.yaml")
+    checkpoint, config_path = find_training_checkpoint(run_or_checkpoint)
+    model = load_training_checkpoint(checkpoint)
     config = TrainingConfig.from_yaml(config_path)
-    model = CrossMetricForMetricLearning(config.model_config())
-    weights = checkpoint / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{checkpoint} has no model.safetensors; is it a crossmetric training checkpoint?")
-    try:
-        missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
-    except SafetensorError as error:
-        raise ValueError(f"{weights} cannot be read ({error}): the checkpoint is truncated or damaged.") from error
-    except RuntimeError as error:  # tensor shapes differ: another model or configuration
-        raise ValueError(f"{weights} does not match the model of {config_path}: {str(error)[:600]}") from error
-    if missing or unexpected:
-        raise ValueError(
-            f"{weights} does not match the model of {config_path}: missing {missing[:5]}, unexpected {unexpected[:5]}."
-        )
     history = []
     log = config_path.parent / "log.jsonl"
     if log.exists():
@@ -113,10 +113,3 @@ def export_checkpoint(
         data.onnx = export_onnx_for_run(model.embedder, directory, config, onnx_recall)
         write_model_card(data, directory)
     return directory
-
-
-def _find_upwards(start: Path, name: str) -> Path:
-    for folder in (start, *start.parents):
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(f"No {name} in {start} or its parents: export needs the run's configuration.")

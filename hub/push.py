@@ -1,4 +1,4 @@
-"""Share an exported model folder on the Hugging Face Hub (``crossmetric push``).
+"""Share an exported model folder on the Hugging Face Hub (the ``crossmetric push`` command is ``cli/push.py``).
 
 :func:`push_to_hub_folder` checks its inputs before any network call, then goes through
 ``huggingface_hub.HfApi``: ``create_repo(exist_ok=True)``, ``create_branch`` when a branch other than
@@ -14,10 +14,8 @@ with the HTTP status; the local folder is only read, never changed.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 from pathlib import Path, PurePosixPath
 
 import httpx2
@@ -174,57 +172,3 @@ def push_to_hub_folder(
 
 # The root package exports this module's entry point as `crossmetric.push_to_hub`.
 push_to_hub = push_to_hub_folder
-
-
-# -- command line -----------------------------------------------------------------------------------
-def add_push_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``crossmetric push`` options to ``parser``.
-
-    There is deliberately no ``--token`` option: a token on the command line ends up in shell history
-    and process listings. Use ``HF_TOKEN`` or ``hf auth login``.
-    """
-    parser.add_argument("--model", required=True, type=Path, help="exported model folder (holds config.json)")
-    parser.add_argument("--repo-id", required=True, help="Hub repo as NAMESPACE/NAME")
-    parser.add_argument("--private", action="store_true", help="create the repo as private")
-    parser.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
-    parser.add_argument("--create-pr", action="store_true", help="open a pull request against main")
-    parser.add_argument("--commit-message", default=None, help=f"default: {DEFAULT_COMMIT_MESSAGE!r}")
-    parser.add_argument("--endpoint", default=None, help="Hub URL (default: $HF_ENDPOINT or huggingface.co)")
-    return parser
-
-
-def run_push(args: argparse.Namespace) -> int:
-    """Run ``crossmetric push`` from parsed arguments; print the commit (and PR) URL; return an exit code.
-
-    Exit codes: 0 pushed, 1 the Hub or network failed, 2 bad input.
-    """
-    try:
-        if not (Path(args.model) / "config.json").is_file():
-            raise ValueError(
-                f"--model {str(args.model)!r} has no config.json: pass a folder written by the model export."
-            )
-        commit = push_to_hub_folder(
-            args.model,
-            args.repo_id,
-            private=args.private,
-            revision=args.revision,
-            create_pr=args.create_pr,
-            commit_message=args.commit_message,
-            endpoint=args.endpoint,
-        )
-    except ValueError as err:
-        print(f"crossmetric push: error: {err}", file=sys.stderr)
-        return 2
-    except HubPushError as err:
-        print(f"crossmetric push: error: {err}", file=sys.stderr)
-        return 1
-    print(commit.commit_url)
-    if commit.pr_url:
-        print(f"pull request: {commit.pr_url}")
-    return 0
-
-
-def push_command(argv: list[str] | None = None) -> int:
-    """``crossmetric push`` as a standalone entry point (parses ``argv``)."""
-    parser = add_push_arguments(argparse.ArgumentParser(prog="crossmetric push", description=__doc__))
-    return run_push(parser.parse_args(argv))

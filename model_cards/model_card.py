@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..utils.atomic_files import write_atomic
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
 
@@ -272,17 +273,9 @@ def render_model_card(data: CrossMetricModelCardData, template_path: str | os.Pa
 
 
 def write_model_card(data: CrossMetricModelCardData, directory: str | os.PathLike[str]) -> Path:
-    """Write the rendered card to ``directory/README.md`` atomically (temp file, then ``os.replace``)."""
+    """Write the rendered card to ``directory/README.md`` atomically (``utils.atomic_files``)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise NotADirectoryError(f"{str(directory)!r} is not a directory: export the model there first.")
-    text = str(render_model_card(data))
-    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, directory / "README.md")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(directory / "README.md", str(render_model_card(data)))
     return directory / "README.md"

@@ -15,6 +15,19 @@ logger = logging.get_logger(__name__)
 POOLINGS = ("avg", "gem", "max+avg", "cls", "mean")
 CIA_QUERIES = ("other", "self")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# The fields of the training-only cross-image-attention head. A run that starts from a saved model keeps that
+# model's embedder fields and takes these from its training configuration (the trainer, the evaluate command's
+# checkpoint loading and export all use this one list).
+HEAD_FIELDS = (
+    "cia_levels",
+    "cia_heads",
+    "cia_dim",
+    "cia_mlp_ratio",
+    "cia_dropout",
+    "cia_query",
+    "cia_loss_weight",
+    "cia_level_weights",
+)
 
 
 def _default_preprocessing(backbone: str) -> dict[str, Any]:

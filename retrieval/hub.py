@@ -1,6 +1,6 @@
 """Sharing an :class:`~crossmetric.retrieval.index.EmbeddingIndex` on the Hugging Face Hub.
 
-An index is a folder of three files (see :mod:`.index_files`), so sharing it is uploading that folder, to the root
+An index is a folder of three files (see :mod:`.storage`), so sharing it is uploading that folder, to the root
 of a repo or, with ``path_in_repo="index"``, into the ``index/`` folder of the model's own repo so that the model
 and its index travel together. The upload goes through :func:`crossmetric.hub.push.push_to_hub_folder` (its
 input checks, token handling and error reporting); the download through ``huggingface_hub.snapshot_download``

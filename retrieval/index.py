@@ -11,17 +11,13 @@ path (str or None) per row, and a faiss index over them for inner-product (= cos
 
 The search setting of an approximate index (``ef_search``, ``nprobe``) is, unless given, calibrated on the data
 when the index is built: the smallest one whose recall@10 against exact search reaches ``target_recall`` (0.95)
-on a sample (see :mod:`.index_calibration` for why no fixed default works).
+on a sample (see :mod:`.calibration` for why no fixed default works).
 
-A saved index is a folder of three files, none of them a pickle: ``index.faiss`` (``faiss.write_index``),
-``embeddings.safetensors`` and ``metadata.json`` (ids, labels, paths, kind, dim, count, model reference, format
-version). The folder is written next to its target and swapped in, so an interrupted save leaves the previous
-one readable. :meth:`EmbeddingIndex.load` checks that the three files agree before anything is searched. File
-names are fixed: ids and paths are data and never become file names.
+A saved index is a folder of three files, none of them a pickle (see :mod:`.storage`), written next to its
+target and swapped in, so an interrupted save leaves the previous one readable; :meth:`EmbeddingIndex.load`
+checks that the three files agree before anything is searched.
 
-Around this class: the file format and its checks in :mod:`.index_files`, the calibration in
-:mod:`.index_calibration`, the Hub in :mod:`.index_hub`, building from images (a folder, a dataset, several
-processes) in :mod:`.index_build`.
+Around it: :mod:`.storage`, :mod:`.calibration`, :mod:`.hub`, and :mod:`.gallery` (embedding; it does not import this).
 """
 
 from __future__ import annotations
@@ -30,8 +26,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +35,7 @@ import faiss
 import numpy as np
 from safetensors.numpy import save_file
 
+from ..utils.atomic_files import staged_directory
 from .calibration import calibrate, calibration_split, search_steps, set_search_param
 from .storage import (
     EMBEDDINGS_FILE,
@@ -53,12 +48,11 @@ from .storage import (
     read_embeddings,
     read_faiss,
     read_metadata,
-    swap_in,
 )
 
 logger = logging.getLogger(__name__)
 
-# HNSW build settings; the search settings are calibrated on the data (index_calibration.py).
+# HNSW build settings; the search settings are calibrated on the data (calibration.py).
 DEFAULT_HNSW_M = 32
 DEFAULT_EF_CONSTRUCTION = 200
 DEFAULT_TARGET_RECALL = 0.95
@@ -116,7 +110,7 @@ class EmbeddingIndex:
         kind: ``"exact"`` (default), ``"hnsw"`` or ``"ivf"``.
         hnsw_m, ef_construction: HNSW graph degree and build beam width.
         ef_search: HNSW search beam width; None (default) measures the smallest one whose recall@10 against
-            exact search reaches ``target_recall`` on a sample of the data (see :mod:`.index_calibration`).
+            exact search reaches ``target_recall`` on a sample of the data (see :mod:`.calibration`).
         nlist: IVF lists (default :func:`default_nlist`, about sqrt(N)).
         nprobe: IVF lists visited per query; None (default) is calibrated like ``ef_search``.
         target_recall: the recall@10 the calibration aims for (default 0.95).
@@ -170,19 +164,24 @@ class EmbeddingIndex:
         self._apply_search_params(self.faiss_index, self.params.get("ef_search"), self.params.get("nprobe"))
 
     @classmethod
+    def from_gallery(cls, gallery: Any, kind: str = "exact", **kwargs: Any) -> EmbeddingIndex:
+        """The index over a :class:`~.gallery.Gallery` (embedded images and metadata); ``kwargs``: index settings."""
+        return cls(gallery.embeddings, gallery.ids, gallery.labels, gallery.paths, kind, model=gallery.model, **kwargs)
+
+    @classmethod
     def from_folder(
         cls, model: Any, folder: str | os.PathLike, *, kind: str = "exact", **kwargs: Any
     ) -> EmbeddingIndex:
         """Embed every image under ``folder`` with ``model`` (an exported folder, a Hub id or a model object).
 
-        Ids are the paths relative to ``folder``; labels are the sub-folder names when every image lies in a
-        sub-folder (one class per sub-folder), else None. Unreadable files are skipped with a warning. Other
-        keyword arguments: ``image_processor``, ``batch_size``, ``device``, ``progress``, ``num_workers`` and
-        the index settings of the constructor.
+        Ids are the paths relative to ``folder``; labels the sub-folder names when every image lies in one (one class
+        per sub-folder), else None. Unreadable files are skipped with a warning. Other keywords: those of
+        :func:`~.gallery.embed_gallery` (``batch_size``, ``device``, ...) and the constructor's index settings.
         """
-        from .build import build_index
+        from .gallery import embed_gallery, split_options
 
-        return build_index(model, folder, kind=kind, **kwargs)
+        embed_options, index_options = split_options(kwargs)
+        return cls.from_gallery(embed_gallery(model, folder, **embed_options), kind, **index_options)
 
     @classmethod
     def from_dataset(
@@ -198,19 +197,18 @@ class EmbeddingIndex:
     ) -> EmbeddingIndex:
         """Embed the images of a ``datasets.Dataset``; ids from ``id_column`` (default: the row number), labels
         from ``label_column`` (ClassLabel names) when present, paths from the image records where stored."""
-        from .build import build_index
+        from .gallery import embed_gallery, split_options
 
-        return build_index(
-            model, dataset, kind=kind, image_column=image_column, label_column=label_column, id_column=id_column,
-            **kwargs,
-        )  # fmt: skip
+        columns = {"image_column": image_column, "label_column": label_column, "id_column": id_column}
+        embed_options, index_options = split_options(kwargs | columns)
+        return cls.from_gallery(embed_gallery(model, dataset, **embed_options), kind, **index_options)
 
     # -- building and searching --------------------------------------------------------------------------------
     def _build(self, target_recall: float) -> Any:
         """The faiss index of ``self.kind`` over ``self.embeddings`` (IVF trained on them), ids = row numbers.
 
         An approximate index without a search setting is calibrated while it is built (held-out sample, see
-        :mod:`.index_calibration`); HNSW is wrapped in ``IndexIDMap2`` so that the sample can be added last.
+        :mod:`.calibration`); HNSW is wrapped in ``IndexIDMap2`` so that the sample can be added last.
         """
         vectors, count = self.embeddings, len(self)
         if self.kind == "exact":
@@ -325,17 +323,10 @@ class EmbeddingIndex:
         target = Path(directory)
         if target.exists() and not target.is_dir():
             raise ValueError(f"cannot save the index to {str(target)!r}: it is a file, not a folder.")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-        try:
+        with staged_directory(target) as staging:
             faiss.write_index(self.faiss_index, str(staging / INDEX_FILE))
             save_file({EMBEDDINGS_KEY: self.embeddings}, str(staging / EMBEDDINGS_FILE), metadata={"format": "np"})
-            with open(staging / METADATA_FILE, "w", encoding="utf-8") as handle:
-                json.dump(self.metadata(), handle, ensure_ascii=False)
-            swap_in(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            (staging / METADATA_FILE).write_text(json.dumps(self.metadata(), ensure_ascii=False), encoding="utf-8")
         return target
 
     @classmethod
@@ -381,7 +372,7 @@ class EmbeddingIndex:
         except (ValueError, TypeError) as error:
             raise IndexFormatError(f"{folder / METADATA_FILE}: {error}") from error
 
-    # -- Hub (see index_hub.py) --------------------------------------------------------------------------------
+    # -- Hub (see hub.py) -------------------------------------------------------------------------------------
     def push_to_hub(self, repo_id: str, *, path_in_repo: str | None = None, **kwargs: Any) -> Any:
         """Upload the index to the model repo ``repo_id`` in one commit (the repo's other files are kept).
 

@@ -30,6 +30,8 @@ import torch
 from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from ..utils.atomic_files import write_atomic
+
 logger = logging.getLogger(__name__)
 
 TASK = "image-retrieval"
@@ -212,12 +214,6 @@ def add_retrieval_pipeline_to_config(export_dir: str | os.PathLike) -> Path:
         "tf": [],
         "type": "image",
     }
-    _write_atomically(folder / _REMOTE_CODE_FILE, _REMOTE_CODE)
-    _write_atomically(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_atomic(folder / _REMOTE_CODE_FILE, _REMOTE_CODE)
+    write_atomic(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config_path
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)

@@ -9,8 +9,8 @@ Three files with fixed names (ids and paths are data and never become file names
 
 Readers check that the three agree (counts, dimension, index type and metric, first and last vectors) and name
 the file at fault, so that a folder mixed from two saves fails before a search returns wrong neighbours. Writers
-build the folder next to its target and swap it in (:func:`swap_in`), so an interrupted save leaves the previous
-index readable.
+build the folder next to its target and swap it in (``utils.atomic_files.staged_directory``), so an interrupted
+save leaves the previous index readable.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from typing import Any
 import faiss
 import numpy as np
 from safetensors.numpy import load_file
-
-from ..modeling.modeling_crossmetric import replace_directory
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
@@ -37,11 +35,6 @@ _FAISS_CLASS = {"exact": faiss.IndexFlat, "hnsw": faiss.IndexIDMap2, "ivf": fais
 
 class IndexFormatError(ValueError):
     """A saved index folder is missing a file, or its files disagree; the message names the file."""
-
-
-def swap_in(staging: Path, target: Path) -> None:
-    """Move ``staging`` to ``target``; an existing ``target`` is moved aside first and deleted only afterwards."""
-    replace_directory(staging, target)
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

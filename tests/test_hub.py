@@ -23,13 +23,8 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
 from safetensors.numpy import save_file
 
-from crossmetric.hub.push import (
-    HubPushError,
-    add_push_arguments,
-    check_repo_id,
-    push_to_hub_folder,
-    run_push,
-)
+from crossmetric.cli.push import add_push_arguments, run_push
+from crossmetric.hub.push import HubPushError, check_repo_id, push_to_hub_folder
 from crossmetric.model_cards.model_card import CrossMetricModelCardData, write_model_card
 
 # The fixture, bound here so that pytest finds it (an assignment, not an import, keeps ruff's F811 quiet).

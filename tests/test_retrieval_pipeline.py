@@ -13,12 +13,8 @@ import pytest
 from _retrieval_fixtures import brute_force, embed_reference, export_tiny_model, make_class_folder, write_image
 from transformers import pipeline
 
-from crossmetric.cli.retrieval import (
-    add_index_build_arguments,
-    add_search_arguments,
-    run_index_build,
-    run_search,
-)
+from crossmetric.cli.index import add_index_build_arguments, run_index_build
+from crossmetric.cli.search import add_search_arguments, run_search
 from crossmetric.retrieval.index import EmbeddingIndex
 from crossmetric.retrieval.pipeline import (
     ImageRetrievalPipeline,

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
+
+from ..utils.atomic_files import write_atomic
 
 # Reconstructed defaults (docs/design.md §1) for the embedded glyph benchmark: small inputs (64 px), a small pretrained
 # backbone and 480 steps, so that the main job finishes in under 10 minutes on 2 CPU cores. The benchmark
@@ -229,7 +230,7 @@ class TrainingConfig:
 
     def save_yaml(self, path: str | os.PathLike) -> None:
         """Write the resolved configuration atomically."""
-        write_text_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TrainingConfig:
@@ -261,18 +262,3 @@ def _stays_inside(name: str) -> bool:
     """A run name is a relative path below the output directory (it becomes a folder name)."""
     path = PurePosixPath(name)
     return bool(name) and not path.is_absolute() and ".." not in path.parts and not {"\x00", "\\"} & set(name)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

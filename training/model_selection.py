@@ -56,10 +56,11 @@ class ModelSelection:
         self.best: dict[str, Any] | None = None
 
     def consider(self, step: int, metrics: dict[str, float], model: Any) -> bool:
-        """Save ``model``'s embedder as the best if it beats the best so far (a tie keeps the earlier model)."""
+        """Save ``model``'s embedder as the best if it beats the best so far; MAP@R breaks ties of the selection metric
+        (Recall@1 saturates on easy validation splits), and a full tie keeps the earlier model."""
         if self.metric not in metrics:
             raise ValueError(f"--selection_metric {self.metric!r} is not a metric; choose one of {sorted(metrics)}.")
-        if self.best is not None and metrics[self.metric] <= self.best[self.metric]:
+        if self.best is not None and _key(metrics, self.metric) <= _key(self.best, self.metric):
             return False
         self.best = {**metrics, "step": step}
         model.save_embedder(self.directory)
@@ -69,3 +70,7 @@ class ModelSelection:
         """Load the best embedder's weights into ``model.embedder`` (the exported model is the selected one)."""
         model.embedder.load_state_dict(load_file(self.directory / "model.safetensors"), strict=True)
         logger.info("restored the model of step %s (%s %.4f)", self.best["step"], self.metric, self.best[self.metric])
+
+
+def _key(metrics: dict[str, Any], metric: str) -> tuple[float, float]:
+    return metrics[metric], metrics.get("map@r", 0.0)

@@ -6,13 +6,11 @@ with gradients) while the head's pairs stay within each process's batch (docs/de
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +22,12 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..evaluation.evaluator import Evaluator
+from ..modeling.configuration_crossmetric import HEAD_FIELDS
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning
+from ..utils.atomic_files import check_writable
+from ..utils.atomic_files import write_atomic as write_text_atomic
 from .checkpointing import complete_checkpoints, load_checkpoint, read_state, resolve_checkpoint, write_checkpoint
-from .config import TrainingConfig, write_text_atomic
+from .config import TrainingConfig
 from .data.dml_dataset import label_array, load_dml_dataset
 from .data.sampler import ClassBalancedBatchSampler
 from .data.transforms import attach_transform, build_transform, collate_fn
@@ -36,26 +37,9 @@ from .fault_points import fault_point
 from .model_selection import ModelSelection, add_validation_split
 from .optimization import batchnorm_layers, build_optimizer, freeze_batchnorm_parameters
 from .recipes import fit_recipe
+from .result import TrainingResult
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainingResult:
-    """What a finished run reports."""
-
-    run_directory: Path
-    global_step: int
-    metrics: dict[str, float]  # test metrics of the selected (exported) model
-    best_metrics: dict[str, float] | None  # its metrics on the selection split, with its "step"
-    history: list[dict[str, Any]] = field(default_factory=list)
-    train_seconds: float = 0.0
-    export_directory: Path | None = None
-    median_step_seconds: float | None = None
-    zero_shot: dict[str, float] | None = None  # test metrics of the starting model
-    selection_split: str | None = None  # "validation", "test" (best-on-test) or None (last model)
-    validation_curve: list[dict[str, Any]] = field(default_factory=list)  # {"step", metrics} of every candidate
-    recipe: list[str] = field(default_factory=list)  # what the recipe chose and why
 
 
 class CrossMetricTrainer:
@@ -71,7 +55,7 @@ class CrossMetricTrainer:
         config.validate()
         self.config = config
         self.run_directory = config.run_directory
-        _check_writable(self.run_directory)
+        check_writable(self.run_directory, flag="--output_dir")
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -166,20 +150,14 @@ class CrossMetricTrainer:
     # ----------------------------------------------------------------------------------------------- building
     def _load_dataset(self) -> Any:
         c = self.config
-        return load_dml_dataset(
-            c.dataset,
-            data_dir=c.data_dir,
-            image_column=c.image_column,
-            label_column=c.label_column,
-            split_strategy=c.split_strategy,
-            seed=c.seed,
-        )
+        columns = {"image_column": c.image_column, "label_column": c.label_column}
+        return load_dml_dataset(c.dataset, data_dir=c.data_dir, split_strategy=c.split_strategy, seed=c.seed, **columns)
 
     def _build_model(self) -> CrossMetricForMetricLearning:
         c = self.config
-        if c.model_name_or_path:
-            model_config = c.model_config()
-            return CrossMetricForMetricLearning.from_pretrained(c.model_name_or_path, **_head_overrides(model_config))
+        if c.model_name_or_path:  # its architecture, with this run's head fields
+            head = {name: getattr(c.model_config(), name) for name in HEAD_FIELDS}
+            return CrossMetricForMetricLearning.from_pretrained(c.model_name_or_path, **head)
         model = CrossMetricForMetricLearning(c.model_config())
         if c.pretrained != "none":
             from .pretrained import load_pretrained_backbone
@@ -220,13 +198,6 @@ class CrossMetricTrainer:
         if self.selection.best is not None:  # every process continues with the selected weights
             self.selection.restore(accelerator.unwrap_model(self.model))
         metrics = self._evaluate(self.test_evaluator, record="final")
-        accelerator.wait_for_everyone()
-        export_directory = None
-        if c.export and accelerator.is_main_process:
-            from ..hub.export import export_run
-
-            export_directory = export_run(self, metrics)
-        accelerator.wait_for_everyone()
         if c.report_to != "none":
             accelerator.end_training()
         return TrainingResult(
@@ -236,12 +207,14 @@ class CrossMetricTrainer:
             self.selection.best,
             self.history,
             train_seconds,
-            export_directory,
+            None,
             statistics.median(self.step_seconds) if self.step_seconds else None,
             self.zero_shot,
             self.selection_split,
             self.validation_curve,
             self.recipe,
+            accelerator.unwrap_model(self.model),
+            c,
         )
 
     def _train_epoch(self) -> None:
@@ -413,34 +386,9 @@ class CrossMetricTrainer:
         return complete_checkpoints(self.run_directory)
 
 
-def _head_overrides(model_config: Any) -> dict[str, Any]:
-    """Head fields of the training config that override those of a loaded crossmetric model."""
-    names = ("cia_levels", "cia_heads", "cia_dim", "cia_mlp_ratio", "cia_dropout", "cia_query", "cia_loss_weight")
-    return {name: getattr(model_config, name) for name in names}
-
-
 def _format(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
 def _flat_config(config: TrainingConfig) -> dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()}
-
-
-def _check_writable(directory: Path) -> None:
-    """Refuse an output directory that cannot be created or written, without creating anything (a refused
-    configuration leaves nothing behind): probe the nearest existing ancestor with a temporary file."""
-    import tempfile
-
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(existing))
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise ValueError(
-            f"--output_dir: cannot write to {directory} ({error.strerror}: {existing}); choose a writable --output_dir."
-        ) from error

@@ -1,36 +1,41 @@
-"""``crossmetric index build`` and ``crossmetric search``: build a retrieval index from images, query it.
+"""``crossmetric index build``: embed a gallery (image folder or dataset) with a model and save a searchable index.
 
-The lead's CLI adds these options to its sub-parsers and calls the ``run_*`` functions, which return an exit code:
-0 success, 2 bad input (a clear message on stderr, before any model is loaded or image embedded).
-
-    crossmetric index build --model EXPORT --images FOLDER_OR_DATASET --output_dir INDEX [--kind exact|hnsw|ivf]
-    crossmetric search --model EXPORT --index INDEX query.jpg [more.jpg ...] [--top_k 5] [--json]
+    crossmetric index build --model MODEL --images FOLDER_OR_DATASET --output_dir INDEX [--kind exact|hnsw|ivf]
 
 ``index build`` under ``accelerate launch`` with several processes builds in parallel (each process embeds a
-shard; see :func:`~crossmetric.retrieval.build.build_index_distributed`).
+shard; see :func:`~crossmetric.retrieval.build.build_index_distributed`). Exit codes: 0 success, 2 bad input (a
+clear message on stderr, before any model is loaded or image embedded).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..hub.model_loading import resolve_model
 from ..retrieval.storage import KINDS
+from .logging_setup import add_log_level_argument, progress_default
+
+SUBCOMMANDS = ("build",)
 
 
 def add_index_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``crossmetric index build``."""
-    parser.add_argument("--model", required=True, help="exported model folder (or Hub id)")
+    parser.add_argument(
+        "--model", required=True, help="exported model folder, training run folder, checkpoint, or Hub id"
+    )
     parser.add_argument(
         "--images",
         required=True,
         help="image folder (labels = sub-folder names), a dataset saved with save_to_disk, or a Hub dataset id",
     )
-    parser.add_argument("--output_dir", required=True, type=Path, help="folder to write the index to")
+    parser.add_argument(
+        "--output_dir", required=True, type=Path, help="the folder to write the index to (replaced as a whole)"
+    )
     parser.add_argument("--kind", choices=KINDS, default="exact", help="exact (default), hnsw or ivf")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=0, help="image decoding worker processes")
@@ -42,38 +47,19 @@ def add_index_build_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists per query (default: calibrated)")
     parser.add_argument("--target_recall", type=float, default=0.95, help="recall@10 the calibration aims for")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda when available)")
-    _add_backend_argument(parser)
-    return parser
-
-
-def add_search_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Options of ``crossmetric search``."""
-    parser.add_argument("--model", required=True, help="exported model folder (or Hub id)")
-    parser.add_argument("--index", default=None, help="index folder or Hub repo id (default: the model's index/)")
-    parser.add_argument("images", nargs="+", help="query image files")
-    parser.add_argument("--top_k", type=int, default=5)
-    parser.add_argument("--json", action="store_true", help="print one JSON object per query")
-    parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda when available)")
-    _add_backend_argument(parser)
-    return parser
-
-
-def _add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    add_backend_argument(parser)
     parser.add_argument(
-        "--backend", choices=("torch", "onnx"), default="torch",
-        help="torch (default), or onnx: ONNX Runtime on the CPU with the model's onnx/model.onnx (export --onnx)",
-    )  # fmt: skip
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=progress_default(),
+        help="progress bars (default: on a terminal only)",
+    )
+    return add_log_level_argument(parser)
 
 
 def _error(command: str, message: str) -> int:
     print(f"crossmetric {command}: error: {message}", file=sys.stderr)
     return 2
-
-
-def _check_model(value: str) -> None:
-    path = Path(value)
-    if path.exists() and not (path / "config.json").is_file():
-        raise ValueError(f"--model {value!r} has no config.json: pass a folder written by the model export.")
 
 
 def _load_images(ns: argparse.Namespace) -> Any:
@@ -107,7 +93,7 @@ def run_index_build(ns: argparse.Namespace) -> int:
     from ..retrieval.build import build_index, build_index_distributed
 
     try:
-        _check_model(ns.model)
+        resolve_model(ns.model)
         if ns.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {ns.batch_size}.")
         if ns.output_dir.exists() and not ns.output_dir.is_dir():
@@ -120,6 +106,7 @@ def run_index_build(ns: argparse.Namespace) -> int:
     options = {
         "kind": ns.kind,
         "batch_size": ns.batch_size,
+        "progress": ns.progress,
         "num_workers": ns.num_workers,
         "image_column": ns.image_column,
         "label_column": ns.label_column,
@@ -145,36 +132,31 @@ def run_index_build(ns: argparse.Namespace) -> int:
     return 0
 
 
-def run_search(ns: argparse.Namespace) -> int:
-    """Run ``crossmetric search``: the ``top_k`` nearest entries for each query image, as text or JSON lines."""
-    from transformers import pipeline
+def build_parser() -> argparse.ArgumentParser:
+    """``crossmetric index`` with its ``build`` sub-command."""
+    parser = argparse.ArgumentParser(prog="crossmetric index", description="Build retrieval indexes.")
+    add_log_level_argument(parser)
+    commands = parser.add_subparsers(dest="subcommand", required=True, metavar="{build}")
+    add_index_build_arguments(
+        commands.add_parser(
+            "build",
+            prog="crossmetric index build",
+            help="embed a gallery with a model and save a searchable index",
+            description="Embed a gallery (image folder or dataset) with a model and save a searchable index.",
+        )
+    )
+    return parser
 
-    from ..retrieval.pipeline import TASK, register_retrieval_pipeline
 
-    try:
-        _check_model(ns.model)
-        if ns.top_k < 1:
-            raise ValueError(f"--top_k must be >= 1, got {ns.top_k}.")
-        missing = [image for image in ns.images if not Path(image).is_file()]
-        if missing:
-            raise ValueError(f"query image(s) not found: {', '.join(missing)}.")
-        if ns.backend == "onnx":
-            from ..retrieval.onnx_search import search_with_onnx
+def main(argv: Sequence[str]) -> int:
+    """Parse ``argv`` (``build ...``) and run the sub-command."""
+    ns = build_parser().parse_args(list(argv))
+    return run_index_build(ns)
 
-            results = search_with_onnx(ns.model, ns.index, list(ns.images), ns.top_k)
-        else:
-            register_retrieval_pipeline()
-            kwargs = {"index": ns.index} if ns.index else {}
-            retrieve = pipeline(TASK, model=ns.model, top_k=ns.top_k, device=ns.device, **kwargs)
-            results = retrieve(list(ns.images))
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        return _error("search", str(error))
-    for image, hits in zip(ns.images, results):
-        if ns.json:
-            print(json.dumps({"query": image, "results": hits}, ensure_ascii=False))
-            continue
-        print(image)
-        for rank, hit in enumerate(hits, 1):
-            label = f"  [{hit['label']}]" if hit["label"] is not None else ""
-            print(f"  {rank:>3}. {hit['score']:.4f}  {hit['id']}{label}")
-    return 0
+
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    """``--backend torch|onnx`` of ``index build`` and ``search``."""
+    parser.add_argument(
+        "--backend", choices=("torch", "onnx"), default="torch",
+        help="torch (default), or onnx: ONNX Runtime on the CPU with the model's onnx/model.onnx (export --onnx)",
+    )  # fmt: skip

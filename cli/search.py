@@ -1,0 +1,84 @@
+"""``crossmetric search``: the gallery images nearest to query images, from a saved index.
+
+    crossmetric search --model MODEL --index INDEX query.jpg [more.jpg ...] [--top_k 5] [--json]
+
+Exit codes: 0 success, 2 bad input (a clear message on stderr, before any model is loaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..hub.model_loading import resolve_model
+from .index import add_backend_argument
+from .logging_setup import add_log_level_argument
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``crossmetric search``."""
+    parser.add_argument(
+        "--model", required=True, help="exported model folder, training run folder (its model/), or Hub id"
+    )
+    parser.add_argument("--index", default=None, help="index folder or Hub repo id (default: the model's index/)")
+    parser.add_argument("images", nargs="+", help="query image files")
+    parser.add_argument("--top_k", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print one JSON object per query")
+    parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda when available)")
+    add_backend_argument(parser)
+    return add_log_level_argument(parser)
+
+
+def _error(command: str, message: str) -> int:
+    print(f"crossmetric {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_search(ns: argparse.Namespace) -> int:
+    """Run ``crossmetric search``: the ``top_k`` nearest entries for each query image, as text or JSON lines."""
+    from transformers import pipeline
+
+    from ..retrieval.pipeline import TASK, register_retrieval_pipeline
+
+    try:
+        kind, model = resolve_model(ns.model)
+        if kind == "checkpoint":
+            raise ValueError(
+                f"--model {ns.model!r} is a training checkpoint without an export: run `crossmetric export` first."
+            )
+        if ns.top_k < 1:
+            raise ValueError(f"--top_k must be >= 1, got {ns.top_k}.")
+        missing = [image for image in ns.images if not Path(image).is_file()]
+        if missing:
+            raise ValueError(f"query image(s) not found: {', '.join(missing)}.")
+        if ns.backend == "onnx":
+            from ..retrieval.onnx_search import search_with_onnx
+
+            results = search_with_onnx(str(model), ns.index, list(ns.images), ns.top_k)
+        else:
+            register_retrieval_pipeline()
+            kwargs = {"index": ns.index} if ns.index else {}
+            retrieve = pipeline(TASK, model=str(model), top_k=ns.top_k, device=ns.device, **kwargs)
+            results = retrieve(list(ns.images))
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        return _error("search", str(error))
+    for image, hits in zip(ns.images, results):
+        if ns.json:
+            print(json.dumps({"query": image, "results": hits}, ensure_ascii=False))
+            continue
+        print(image)
+        for rank, hit in enumerate(hits, 1):
+            label = f"  [{hit['label']}]" if hit["label"] is not None else ""
+            print(f"  {rank:>3}. {hit['score']:.4f}  {hit['id']}{label}")
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """Parse ``argv`` and run ``crossmetric search``."""
+    parser = argparse.ArgumentParser(
+        prog="crossmetric search", description="Find the gallery images nearest to query images in a saved index."
+    )
+    return run_search(add_search_arguments(parser).parse_args(list(argv)))
