@@ -165,6 +165,6 @@ def trained_run(base: Path) -> Path:
         shapes = make_shapes_folder(base / "shapes")
         config = tiny_config(dataset=str(shapes), output_dir=str(base), max_steps=2, save_steps=1, eval_every_epochs=0)
         with one_thread():
-            CrossMetricTrainer(config).train()
+            CrossMetricTrainer(config).train().export()  # the caller exports
         _TRAINED["run"] = base / "run"
     return _TRAINED["run"]

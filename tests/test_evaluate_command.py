@@ -85,7 +85,7 @@ def run(shapes, tmp_path_factory) -> Path:
             warmup_steps=0,
             **TINY,
         )
-    ).train()
+    ).train().export()
     return output / "run"
 
 

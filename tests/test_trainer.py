@@ -58,9 +58,11 @@ def test_train_logs_checkpoints_evaluates_and_exports(shapes, tmp_path) -> None:
     losses = [r for r in log if "loss" in r]
     assert [r["step"] for r in losses] == list(range(1, result.global_step + 1))
     assert all(len(r["level_losses"]) == 2 for r in losses)
-    assert [r for r in log if "eval" in r]
+    assert [r["step"] for r in log if "zero_shot" in r] == [0] and [r["step"] for r in log if "final" in r] == [result.global_step]
     assert trainer.checkpoints and (trainer.checkpoints[-1] / "COMPLETE").exists()
-    export = result.export_directory
+    assert result.export_directory is None and not (run / "model").exists()  # train() never exports: the caller does
+    export = result.export()
+    assert export == result.export_directory == run / "model"
     with safe_open(export / "model.safetensors", "pt") as weights:
         assert not [k for k in weights.keys() if k.startswith("head.")]
     assert json.loads((export / "metrics.json").read_text())["recall@1"] == pytest.approx(result.metrics["recall@1"])

@@ -276,6 +276,7 @@ def load_dml_dataset(
     split_strategy: SplitStrategy = "official",
     seed: int = 0,
     validation_fraction: float = 0.0,
+    drop_unreadable: bool = True,
 ) -> DatasetDict:
     """Load ``dataset`` as class-disjoint DML splits with columns ``image`` and ``label`` (a ClassLabel).
 
@@ -291,6 +292,8 @@ def load_dml_dataset(
             seeded random half. Both re-split the union of all source splits.
         seed: seed of the ``"shuffle"`` strategy and of the validation classes.
         validation_fraction: fraction of the train classes moved to a class-disjoint ``validation`` split.
+        drop_unreadable: decode every image once and drop those that cannot be decoded, with a count in the log
+            (the embedded benchmarks, rendered by us, are not checked).
 
     Returns:
         ``DatasetDict`` with ``train`` and ``test`` (+ ``validation``), or ``train``, ``query``, ``gallery``.
@@ -301,6 +304,12 @@ def load_dml_dataset(
         raise ValueError(f"validation_fraction must lie in [0, 1), got {validation_fraction}.")
     raw, hint = _load_raw(dataset, data_dir)
     dd = _encode_labels(_normalise_columns(_as_dict(raw), image_column, label_column, hint))
+    if drop_unreadable and not (isinstance(dataset, str) and dataset.lower() in ("glyphs", "emoji")):
+        from .image_loading import filter_unreadable
+
+        # Scraped data holds truncated or non-image files: every command drops them up front (with a count in the
+        # log), rather than train stopping mid-run or evaluate refusing a folder that train accepted.
+        dd, _ = filter_unreadable(dd)
 
     official = None
     if split_strategy == "official":
