@@ -50,7 +50,7 @@ EVALUATIONS = 5  # validation points along the schedule (plus the starting model
 
 
 def recipe_name(config: TrainingConfig) -> str:
-    return "embedded" if str(config.dataset).lower() in ("glyphs", "emoji") else "fine-tuning"
+    return "embedded" if str(config.dataset).lower() == "glyphs" else "fine-tuning"
 
 
 def fit_recipe(config: TrainingConfig, train_labels: Sequence[int] | np.ndarray, num_processes: int = 1) -> list[str]:
