@@ -295,6 +295,10 @@ class CrossMetricTrainer:
             "learning_rates": [group["lr"] for group in self.optimizer.param_groups],
         }
         self._append_log(record)
+        every = max(1, self.total_steps // 10 // self.config.logging_steps) * self.config.logging_steps
+        if not self.config.progress and self.global_step % every == 0:  # progress in a log file, about 10 lines
+            logger.info("step %d/%d, epoch %.2f, loss %.4f", self.global_step, self.total_steps, record["epoch"],
+                        record["loss"])  # fmt: skip
         if self.config.report_to != "none":
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=self.global_step)
 
