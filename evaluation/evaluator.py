@@ -104,13 +104,17 @@ class Evaluator:
     @classmethod
     def from_dataset(cls, dataset: Any, split: str = "test", max_images: int | None = None, **options: Any):
         """The evaluator of ``dataset[split]``; ``"test"`` of a dataset with ``query`` and ``gallery`` splits (In-Shop)
-        is query vs gallery. ``max_images`` keeps the first N images of each evaluated split."""
+        is query vs gallery. ``max_images`` (at least 2) keeps the first N images of each evaluated split."""
+        if max_images is not None and max_images < 2:
+            raise ValueError(f"max_images must be >= 2 (leave-one-out needs a pair), got {max_images}.")
         if split not in dataset and split == "test" and {"query", "gallery"} <= set(dataset):
             queries, gallery, name = dataset["query"], dataset["gallery"], "query vs gallery"
         elif split in dataset:
             queries, gallery, name = dataset[split], None, split
         else:
-            raise ValueError(f"split {split!r} is not a split of this dataset (it has {list(dataset)}).")
+            raise ValueError(
+                f"--split {split!r} is not a split of this dataset: it has {list(dataset)}; pass one of them."
+            )
         if max_images is not None:
             queries = queries.select(range(min(max_images, len(queries))))
             gallery = gallery.select(range(min(max_images, len(gallery)))) if gallery is not None else None
@@ -135,9 +139,14 @@ class Evaluator:
     def __call__(self, embedder: CrossMetricModel, device: Any = None, progress: bool = True) -> dict[str, float]:
         return self.metrics(self.embed(embedder, device, progress))
 
+    def embed_features(self, features: Callable[[Any], tuple[np.ndarray, np.ndarray]]) -> Embedded:
+        """:meth:`embed` for any embedding function of a split (e.g. :func:`raw_pixel_features`), so a baseline
+        goes through the same splits, metrics and report curves as the model."""
+        return [features(s) for s in self.splits]
+
     def evaluate_features(self, features: Callable[[Any], tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
         """Metrics of any embedding function of a split (e.g. :func:`raw_pixel_features`)."""
-        return self.metrics([features(s) for s in self.splits])
+        return self.metrics(self.embed_features(features))
 
 
 def raw_pixel_features(split: Any, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
