@@ -127,6 +127,7 @@ class CrossMetricModelCardData:
     eval_reports: list[EvalReport] = field(default_factory=list)
     citations: list[str] = field(default_factory=list)  # extra BibTeX entries (e.g. of the loss)
     onnx: dict[str, Any] | None = None  # the ONNX export's check (training/onnx_export.py), when onnx/ was written
+    model_selection: str | None = None  # how the exported model was chosen (validation split, best-on-test, last)
 
     @classmethod
     def from_config(cls, config: Any, **fields: Any) -> CrossMetricModelCardData:
