@@ -88,3 +88,17 @@ def test_shuffled_control_differs_from_cia_only_in_the_partner() -> None:
     assert flops["shuffled"] == flops["other"] > 0
     for shuffled, cia in zip(outputs["shuffled"].similarities, outputs["other"].similarities):
         assert (shuffled - cia).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("loss_weight", "level_weights", "trained"), [(0.0, None, 0), (1.0, [1.0, 0.0], 1), (1.0, None, 2)]
+)
+def test_head_parameters_no_loss_reaches_are_frozen(loss_weight, level_weights, trained: int) -> None:
+    from crossmetric.training.optimization import freeze_unreached_head_parameters
+
+    model = CrossMetricForMetricLearning(CrossMetricConfig(backbone="test_resnet", **TINY))
+    freeze_unreached_head_parameters(model, loss_weight, level_weights)
+    levels = [all(p.requires_grad for p in level.parameters()) for level in model.head.levels]
+    assert levels == [index < trained for index in range(2)]
+    assert model.head.seed.weight.requires_grad == (trained > 0)
+    assert all(p.requires_grad for p in model.embedder.parameters())
