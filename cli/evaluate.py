@@ -2,7 +2,7 @@
 
     crossmetric evaluate --model DIR_OR_HUB_ID --dataset NAME_OR_PATH [--split test] [--output_dir DIR]
         [--baseline_model DIR] [--checkpoint RUN_OR_CHECKPOINT] [--num_queries 8] [--top_k 5] [--max_images N]
-        [--ks 1 2 4 8]
+        [--ks 1 2 4 8] [--rerank_top_k 20]
 
 Writes ``OUTPUT_DIR/metrics.json`` (the metrics of ``--model``; ``baseline_metrics.json`` too with
 ``--baseline_model``) and ``OUTPUT_DIR/report/`` (``recall_at_k.png``, ``retrieval_grid.png``, with ``--checkpoint``
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..evaluation.reranking import add_rerank_argument, rerank_metrics, rerank_source
 from ..hub.model_loading import load_embedder, load_training_checkpoint, resolve_model
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel
 from ..utils.atomic_files import staged_directory, write_atomic
@@ -71,6 +72,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         default=progress_default(),
         help="progress bars (default: on a terminal only)",
     )
+    add_rerank_argument(parser)
     return add_log_level_argument(parser)
 
 
@@ -133,6 +135,7 @@ def prepare(ns: argparse.Namespace) -> EvaluationPlan:
         resolve_model(ns.baseline_model, "--baseline_model")
     if ns.checkpoint and not Path(ns.checkpoint).is_dir():
         raise ValueError(f"--checkpoint {ns.checkpoint!r}: no such folder (pass a training run or checkpoint).")
+    rerank_source(ns)
     resolve_dataset_name(ns.dataset)
     dataset = load_dml_dataset(
         ns.dataset,
@@ -305,6 +308,8 @@ def run_evaluate(ns: argparse.Namespace) -> int:
     device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     embedded = _embed(plan.embedder, plan, ns, device)
     metrics = _metrics(embedded, plan.ks, ns.seed)
+    if ns.rerank_top_k:  # the head's conditional similarity re-ranks the top K (evaluation/reranking.py)
+        metrics.update(rerank_metrics(rerank_source(ns), plan.queries, plan.gallery, ns, device))
     baseline_embedded = baseline_metrics = None
     if plan.baseline is not None:
         baseline_embedded = _embed(plan.baseline, plan, ns, device)
