@@ -2,7 +2,7 @@
 
     crossmetric evaluate --model DIR_OR_HUB_ID --dataset NAME_OR_PATH [--split test] [--output_dir DIR]
         [--baseline_model DIR] [--checkpoint RUN_OR_CHECKPOINT] [--num_queries 8] [--top_k 5] [--max_images N]
-        [--ks 1 2 4 8] [--baselines raw_pixels zero_shot]
+        [--ks 1 2 4 8] [--baselines raw_pixels zero_shot] [--rerank_top_k 20]
 
 Writes ``OUTPUT_DIR/metrics.json`` (the metrics of ``--model``; ``baseline_metrics.json`` too with
 ``--baseline_model``), ``OUTPUT_DIR/baselines.json`` (the trivial baselines of :mod:`crossmetric.evaluation.baselines`,
@@ -31,6 +31,7 @@ import torch
 
 from ..evaluation.baselines import BASELINES
 from ..evaluation.evaluator import Embedded, Evaluator
+from ..evaluation.reranking import add_rerank_argument, rerank_metrics, rerank_source
 from ..hub.model_loading import load_embedder, load_training_checkpoint, resolve_model
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel
 from ..utils.atomic_files import write_atomic
@@ -80,6 +81,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         default=progress_default(),
         help="progress bars (default: on a terminal only)",
     )
+    add_rerank_argument(parser)
     return add_log_level_argument(parser)
 
 
@@ -124,6 +126,7 @@ def prepare(ns: argparse.Namespace) -> EvaluationPlan:
         resolve_model(ns.baseline_model, "--baseline_model")
     if ns.checkpoint and not Path(ns.checkpoint).is_dir():
         raise ValueError(f"--checkpoint {ns.checkpoint!r}: no such folder (pass a training run or checkpoint).")
+    rerank_source(ns)
     resolve_dataset_name(ns.dataset)
     dataset = load_dml_dataset(
         ns.dataset,
@@ -214,6 +217,9 @@ def run_evaluate(ns: argparse.Namespace) -> int:
     )
     rows.update({name: evaluator.embed_features(function) for name, function in features.items()})
     metrics = {name: evaluator.metrics(embedded) for name, embedded in rows.items()}
+    if ns.rerank_top_k:  # the head's conditional similarity re-ranks the top K (evaluation/reranking.py)
+        gallery = evaluator.gallery
+        metrics["model"].update(rerank_metrics(rerank_source(ns), evaluator.queries, gallery, ns, device))
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(plan.output_dir / "metrics.json", json.dumps(metrics["model"], indent=2))
     if "baseline" in metrics:

@@ -86,7 +86,8 @@ def pair_attention(
     model.eval()
     try:
         output = model(pixel_values, output_attentions=True)
-        height, width = token_grid(model.embedder, pixel_values)
+        grid = model.forward_head_inputs(pixel_values[:1])[3]
+        height, width = grid if grid is not None else token_grid(model.embedder, pixel_values)
     finally:
         model.train(was_training)
     rows = torch.tensor([i for i, _ in pairs])

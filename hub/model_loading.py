@@ -99,6 +99,8 @@ def load_training_checkpoint(path: str | os.PathLike) -> CrossMetricForMetricLea
     if not weights.is_file():
         raise FileNotFoundError(f"{checkpoint} has no model.safetensors; is it a crossmetric training checkpoint?")
     config = TrainingConfig.from_yaml(config_path)
+    if "cia_token_stride" not in config_path.read_text(encoding="utf-8"):
+        config.cia_token_stride = 0  # a run from before the field: its head read the last feature map
     model_config = config.model_config()
     if config.model_name_or_path:
         from ..modeling.configuration_crossmetric import CrossMetricConfig

@@ -13,7 +13,7 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 POOLINGS = ("avg", "gem", "max+avg", "cls", "mean")
-CIA_QUERIES = ("other", "self")
+CIA_QUERIES = ("other", "self", "shuffled")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 # The fields of the training-only cross-image-attention head. A run that starts from a saved model keeps that
 # model's embedder fields and takes these from its training configuration (the trainer, the evaluate command's
@@ -27,6 +27,7 @@ HEAD_FIELDS = (
     "cia_query",
     "cia_loss_weight",
     "cia_level_weights",
+    "cia_token_stride",
 )
 
 
@@ -71,9 +72,17 @@ class CrossMetricConfig(PretrainedConfig):
         cia_mlp_ratio: MLP hidden width as a multiple of d.
         cia_dropout: dropout on attention weights and in the MLP.
         cia_query: ``"other"``: the query asking image *i* is the other image's embedding (the paper's reading);
-            ``"self"``: it is *i*'s own (an ablation).
+            ``"self"``: it is *i*'s own, so nothing depends on the partner (the no-conditioning control: an
+            attention-pooling auxiliary loss); ``"shuffled"``: it is a random third image's, drawn anew every forward
+            pass (the control for "any second image helps": same parameters, same cost, never the partner).
         cia_loss_weight: lambda, the weight of the conditional losses against the base loss.
         cia_level_weights: per-level weights w_l (length L); ``None`` weighs every level 1.
+        cia_token_stride: where the head's keys and values come from: the deepest backbone stage (timm's
+            ``feature_info``) whose stride is at most this many pixels, through a learned projection to ``cia_dim``
+            in the head. 16 gives a 4×4 grid at 64 px for EfficientNet/ResNet (their last map is 2×2 there, too
+            coarse for "which parts" to mean anything). 0, or a stride at least the last stage's, takes the last
+            feature map (the exported embedder's own tokens, no projection: the behaviour before this field).
+            Training only: the exported embedder is the same for every value.
         projection_dim: always equal to ``embedding_dim``, written to ``config.json`` because sentence-transformers
             reads the embedding size of a ``pooler_output`` model from ``projection_dim``.
     """
@@ -100,6 +109,7 @@ class CrossMetricConfig(PretrainedConfig):
         cia_query: str = "other",
         cia_loss_weight: float = 1.0,
         cia_level_weights: list[float] | None = None,
+        cia_token_stride: int = 16,
         projection_dim: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -123,6 +133,7 @@ class CrossMetricConfig(PretrainedConfig):
         self.cia_query = cia_query
         self.cia_loss_weight = cia_loss_weight
         self.cia_level_weights = list(cia_level_weights) if cia_level_weights is not None else None
+        self.cia_token_stride = cia_token_stride
         self.projection_dim = embedding_dim if projection_dim is None else projection_dim
         self._validate()
         super().__init__(**kwargs)
@@ -156,6 +167,7 @@ class CrossMetricConfig(PretrainedConfig):
                 lambda v: v is None or (len(v) == self.cia_levels and all(w >= 0 for w in v)),
                 f"None or a list of cia_levels={self.cia_levels} weights >= 0",
             ),
+            ("cia_token_stride", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: the last feature map)"),
             ("projection_dim", lambda v: v == self.embedding_dim, f"equal to embedding_dim={self.embedding_dim}"),
         ]
         for field, is_valid, expected in rules:

@@ -69,14 +69,16 @@ class CrossAttentionLevel(nn.Module):
         keys: torch.Tensor,
         values: torch.Tensor,
         token_mask: torch.Tensor | None = None,
-        per_image_query_asker: str = "partner",
+        per_image_query_asker: str | torch.Tensor = "partner",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Refine the pair states.
 
         Args:
             state: ``z^{l-1}_{i|j}``, B×B×d, or B×d when it does not depend on the partner j yet (level 0).
             query_source: what asks image i for pair (i, j): B×B×d indexed [i, j], or B×d when it is per image (the
-                first level), indexed by the partner j (``per_image_query_asker="partner"``) or by i itself ("self").
+                first level), indexed by the partner j (``per_image_query_asker="partner"``), by i itself ("self"),
+                or by a B×B index tensor (image ``asker[i, j]``'s query asks for pair (i, j): the shuffled control).
+                A per-image query is projected once per image and only then spread over the pairs.
             keys, values: image i's tokens projected, B×T×heads×head_dim.
 
         Returns:
@@ -85,7 +87,10 @@ class CrossAttentionLevel(nn.Module):
         batch = keys.shape[0]
         scale = self.head_dim**-0.5
         query = self.query(self.query_norm(query_source))
-        if query.dim() == 2 and per_image_query_asker == "partner":  # q[j] asks image i, for all pairs (i, j)
+        asker = per_image_query_asker
+        if query.dim() == 2 and isinstance(asker, torch.Tensor):  # q[asker[i, j]] asks image i
+            query = query.view(batch, self.num_heads, self.head_dim)[asker]
+        if query.dim() == 2 and asker == "partner":  # q[j] asks image i, for all pairs (i, j)
             query = query.view(batch, self.num_heads, self.head_dim)
             logits = torch.einsum("jhc,ithc->ijht", query * scale, keys)
         elif query.dim() == 2:  # q[i] asks image i: the same for every partner j
@@ -105,6 +110,21 @@ class CrossAttentionLevel(nn.Module):
         state = state + self.mlp(self.mlp_norm(state))
         return state, weights
 
+    def forward_pairs(
+        self, state: torch.Tensor, query_source: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """The same update for a list of P pairs instead of a whole B×B batch (re-ranking a few neighbours).
+
+        ``state`` and ``query_source`` are P×d; ``keys`` and ``values`` (P×T×heads×head_dim) are those of the image
+        each pair's state belongs to.
+        """
+        pairs = state.shape[0]
+        query = self.query(self.query_norm(query_source)).view(pairs, self.num_heads, self.head_dim)
+        weights = torch.einsum("phc,pthc->pht", query * self.head_dim**-0.5, keys).softmax(dim=-1)
+        attended = self.out(torch.einsum("pht,pthc->phc", weights, values).reshape(pairs, -1))
+        state = state + attended
+        return state + self.mlp(self.mlp_norm(state))
+
 
 class CrossImageAttentionHead(nn.Module):
     """Hierarchy of conditional embeddings over a batch, used only while training (never exported).
@@ -117,7 +137,11 @@ class CrossImageAttentionHead(nn.Module):
         num_heads: attention heads per level.
         mlp_ratio: MLP hidden width as a multiple of d.
         dropout: dropout on attention weights and in the MLP.
-        query: ``"other"`` (``z^{l-1}_{j|i}`` asks image i) or ``"self"`` (``z^{l-1}_{i|j}`` asks it).
+        query: ``"other"`` (``z^{l-1}_{j|i}`` asks image i: the method), ``"self"`` (``z^{l-1}_{i|j}`` asks it: no
+            dependence on the partner, the no-conditioning control) or ``"shuffled"`` (``z^{l-1}_{k|i}`` asks it, k a
+            random third image of the batch drawn per forward pass: the "any second image" control).
+        project_tokens: project the tokens to ``width`` once per image (a learned ``token_projection``) before the
+            levels; used when the tokens come from an earlier backbone stage than the embedder's own.
     """
 
     def __init__(
@@ -130,16 +154,19 @@ class CrossImageAttentionHead(nn.Module):
         mlp_ratio: float = 2.0,
         dropout: float = 0.0,
         query: str = "other",
+        project_tokens: bool = False,
     ) -> None:
         super().__init__()
         if num_levels < 1:
             raise ValueError(f"CrossImageAttentionHead needs num_levels >= 1, got {num_levels}; use no head for 0.")
-        if query not in ("other", "self"):
-            raise ValueError(f"CrossImageAttentionHead query={query!r} must be 'other' or 'self'.")
+        if query not in ("other", "self", "shuffled"):
+            raise ValueError(f"CrossImageAttentionHead query={query!r} must be 'other', 'self' or 'shuffled'.")
         self.query_mode = query
         self.seed = nn.Linear(embedding_dim, width)  # P: z⁰_{i|j} = P(e_i)
+        self.token_projection = nn.Linear(token_dim, width) if project_tokens else None
+        level_token_dim = width if project_tokens else token_dim
         self.levels = nn.ModuleList(
-            CrossAttentionLevel(token_dim, width, num_heads, mlp_ratio, dropout) for _ in range(num_levels)
+            CrossAttentionLevel(level_token_dim, width, num_heads, mlp_ratio, dropout) for _ in range(num_levels)
         )
 
         mark_new_layers(self)
@@ -155,6 +182,7 @@ class CrossImageAttentionHead(nn.Module):
         tokens: torch.Tensor,
         token_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        partners: torch.Tensor | None = None,
     ) -> CrossImageAttentionOutput:
         """Conditional similarities of every ordered pair of the batch.
 
@@ -163,25 +191,77 @@ class CrossImageAttentionHead(nn.Module):
             tokens: the backbone tokens ``X``, B×T×C.
             token_mask: optional B×T boolean mask of valid tokens.
             output_attentions: also return the B×B×heads×T attention weights of every level.
+            partners: ``"shuffled"`` mode only: the B×B index of the image k that asks image i for pair (i, j);
+                drawn with :func:`random_third_images` (torch's global RNG) when not given.
         """
         if embeddings.shape[0] != tokens.shape[0]:
             raise ValueError(f"embeddings ({embeddings.shape[0]}) and tokens ({tokens.shape[0]}) differ in batch size.")
+        batch = embeddings.shape[0]
+        if self.token_projection is not None:
+            tokens = self.token_projection(tokens)  # once per image, shared by every level and pair
+        if self.query_mode == "shuffled" and partners is None:
+            partners = random_third_images(batch, embeddings.device)
+        rows = torch.arange(batch, device=embeddings.device)[:, None]
         state: torch.Tensor = self.seed(embeddings)  # B×d: level 0 does not depend on the partner
         similarities: list[torch.Tensor] = []
         attentions: list[torch.Tensor] = []
-        eye = torch.eye(embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
+        eye = torch.eye(batch, dtype=torch.bool, device=embeddings.device)
         for level in self.levels:
             keys, values = level.keys_values(tokens)
+            asker: str | torch.Tensor = "self" if self.query_mode == "self" else "partner"
+            query_source = state  # B×d per image at the first level, or z_{i|j} itself in "self" mode
             if self.query_mode == "other" and state.dim() == 3:
                 query_source = state.transpose(0, 1)  # pair (i, j) is asked by z_{j|i}
-            else:
-                query_source = state  # B×d per image at the first level, or z_{i|j} itself in "self" mode
-            asker = "partner" if self.query_mode == "other" else "self"
+            elif self.query_mode == "shuffled" and state.dim() == 3:
+                query_source = state[partners, rows]  # pair (i, j) is asked by z_{k|i}, k = partners[i, j]
+            elif self.query_mode == "shuffled":
+                asker = partners
             state, weights = level(state, query_source, keys, values, token_mask, per_image_query_asker=asker)
             similarities.append(pair_cosine(state).masked_fill(eye, 1.0))
             if output_attentions:
                 attentions.append(weights)
         return CrossImageAttentionOutput(tuple(similarities), tuple(attentions) if output_attentions else None)
+
+    def pair_similarities(
+        self, embeddings: torch.Tensor, tokens: torch.Tensor, first: torch.Tensor, second: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """``S^l[a, b]`` of P listed pairs only (``first[p], second[p]`` index ``embeddings``/``tokens``), per level.
+
+        Equal to the batched :meth:`forward`'s entries, at 2·P pair states instead of B² (re-ranking a query's
+        nearest neighbours). Not defined for ``"shuffled"``, whose third image is drawn from a whole batch.
+        """
+        if self.query_mode == "shuffled":
+            raise ValueError("pair similarities need cia_query 'other' or 'self'; 'shuffled' draws from a batch.")
+        if self.token_projection is not None:
+            tokens = self.token_projection(tokens)
+        seed = self.seed(embeddings)
+        forward, backward = seed[first], seed[second]  # z_{a|b}, z_{b|a}
+        similarities = []
+        for level in self.levels:
+            keys, values = level.keys_values(tokens)
+            ask_forward, ask_backward = (backward, forward) if self.query_mode == "other" else (forward, backward)
+            forward, backward = (
+                level.forward_pairs(forward, ask_forward, keys[first], values[first]),
+                level.forward_pairs(backward, ask_backward, keys[second], values[second]),
+            )
+            similarities.append((F.normalize(forward, dim=-1) * F.normalize(backward, dim=-1)).sum(dim=-1))
+        return tuple(similarities)
+
+
+def random_third_images(batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """B×B index k[i, j] of a uniformly random image other than i and j (other than j when B = 2), torch's RNG.
+
+    The shuffled control's askers: each pair (i, j) is conditioned on a third image of the batch, never on its
+    partner, and never on i itself while a third image exists (that would be the "self" control instead).
+    """
+    i = torch.arange(batch, device=device)[:, None].expand(batch, batch)
+    j = torch.arange(batch, device=device)[None, :].expand(batch, batch)
+    if batch < 3:
+        return (1 - j) if batch == 2 else torch.zeros_like(i)
+    low, high = torch.minimum(i, j), torch.maximum(i, j)
+    k = torch.randint(0, batch - 2, (batch, batch), device=device)  # one of the B - 2 others, then skip i and j
+    k = k + (k >= low).long()
+    return k + (k >= high).long()
 
 
 NEW_LAYER_FLAG = "_crossmetric_new_layer"

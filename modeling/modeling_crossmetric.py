@@ -172,21 +172,49 @@ class CrossMetricForMetricLearning(CrossMetricPreTrainedModel):
     def __init__(self, config: CrossMetricConfig) -> None:
         super().__init__(config)
         self.embedder = CrossMetricModel(config)
-        self.head = (
-            CrossImageAttentionHead(
+        self.head_token_stage: str | None = None  # a backbone module name (not the module: no duplicate weights)
+        self.head = None
+        if config.cia_levels > 0:
+            self.head_token_stage, head_token_dim = head_token_source(self.embedder.backbone, config.cia_token_stride)
+            self.head = CrossImageAttentionHead(
                 embedding_dim=config.embedding_dim,
-                token_dim=self.embedder.token_dim,
+                token_dim=head_token_dim if self.head_token_stage else self.embedder.token_dim,
                 width=config.cia_dim,
                 num_levels=config.cia_levels,
                 num_heads=config.cia_heads,
                 mlp_ratio=config.cia_mlp_ratio,
                 dropout=config.cia_dropout,
                 query=config.cia_query,
+                project_tokens=self.head_token_stage is not None,
             )
-            if config.cia_levels > 0
-            else None
-        )
         self.post_init()
+
+    def forward_head_inputs(
+        self, pixel_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int] | None]:
+        """One backbone pass: the embedder's tokens and embeddings, the head's tokens (B×T×C') and their grid.
+
+        With a ``head_token_stage`` its output is captured by a forward hook during the embedder's own, unchanged
+        pass (timm's ``feature_info`` names the module), so the exported embedder computes exactly what it computes
+        here. The grid is (H', W') of the captured map, or None when the head takes the embedder's own tokens.
+        """
+        captured: list[torch.Tensor] = []
+        handle = None
+        if self.head_token_stage is not None:
+            module = self.embedder.backbone.get_submodule(self.head_token_stage)
+            handle = module.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+        try:
+            tokens, embeddings = self.embedder(pixel_values, return_dict=False)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if not captured:  # the embedder's own tokens (their grid: evaluation.attention_maps.token_grid)
+            return tokens, embeddings, tokens, None
+        feature_map = captured[-1]
+        if feature_map.dim() != 4:
+            raise ValueError(f"stage {self.head_token_stage} gave features of shape {tuple(feature_map.shape)}.")
+        grid = (int(feature_map.shape[-2]), int(feature_map.shape[-1]))
+        return tokens, embeddings, feature_map.flatten(2).transpose(1, 2), grid
 
     def forward(
         self,
@@ -197,11 +225,11 @@ class CrossMetricForMetricLearning(CrossMetricPreTrainedModel):
         **kwargs: Any,
     ) -> CrossMetricForMetricLearningOutput:
         """Unconditional embeddings, per-level conditional similarities and, with labels, the CIA loss."""
-        tokens, embeddings = self.embedder(pixel_values, return_dict=False)
+        tokens, embeddings, head_tokens, _ = self.forward_head_inputs(pixel_values)
         similarities: tuple[torch.Tensor, ...] = ()
         attentions = None
         if self.head is not None:
-            head_output = self.head(embeddings, tokens, output_attentions=output_attentions)
+            head_output = self.head(embeddings, head_tokens, output_attentions=output_attentions)
             similarities, attentions = head_output.similarities, head_output.attentions
         loss = None
         if labels is not None:
@@ -273,6 +301,29 @@ def replace_directory(staging: Path, target: Path) -> None:
     os.replace(staging, target)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def head_token_source(backbone: nn.Module, stride: int) -> tuple[str | None, int]:
+    """``(module name, channels)`` of the deepest timm ``feature_info`` stage with a stride of at most ``stride``.
+
+    ``(None, 0)`` means the embedder's own last tokens: for ``stride`` 0, when that stage is the last one (a ViT's
+    blocks all share one stride), or for a backbone without ``feature_info``.
+    """
+    info = getattr(backbone, "feature_info", None)
+    if stride == 0 or not info:
+        return None, 0
+    stages = [dict(stage) for stage in info]  # timm: a list of {"module", "num_chs", "reduction"} per stage
+    reductions = [int(stage["reduction"]) for stage in stages]
+    finer = [index for index, reduction in enumerate(reductions) if reduction <= stride]
+    if not finer:
+        raise ValueError(
+            f"CrossMetricConfig.cia_token_stride={stride} is finer than every stage of the backbone (strides "
+            f"{reductions}); pick one of them, or 0 for the last feature map."
+        )
+    index = finer[-1]
+    if index == len(reductions) - 1 or reductions[index] == reductions[-1]:
+        return None, 0
+    return str(stages[index]["module"]), int(stages[index]["num_chs"])
 
 
 def _create_backbone(config: CrossMetricConfig) -> nn.Module:

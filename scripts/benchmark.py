@@ -32,11 +32,13 @@ ROWS: dict[str, dict[str, Any]] = {
     "cia": {},  # the recipe's head: 2 levels, query from the other image, lambda 1, every level
     "cia_levels_1": {"cia_levels": 1},
     "cia_levels_3": {"cia_levels": 3},
-    "cia_query_self": {"cia_query": "self"},
+    "cia_query_self": {"cia_query": "self"},  # control: no conditioning (the query is the image's own)
+    "cia_query_shuffled": {"cia_query": "shuffled"},  # control: conditioned on a random third image, not the partner
     "cia_lambda_0.5": {"cia_loss_weight": 0.5},
     "cia_lambda_2": {"cia_loss_weight": 2.0},
     "cia_last_level_only": {"cia_level_weights": [0.0, 1.0]},
 }
+CONTROLS = ("cia_query_self", "cia_query_shuffled")  # conditioning is shown only where CIA beats both (§4)
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi")
 
 
@@ -159,6 +161,17 @@ def markdown(results: dict[str, Any]) -> str:
                     ", ".join(f"{d * 100:+.1f}" for d in diff["differences"]),
                 ]
             lines.append(f"| {row} | {metric} | " + " | ".join(cells) + " |")
+    controls = results["rows"]["cia"]["paired"].get("controls", {})
+    if controls:
+        lines += ["", "CIA − each control (points), paired per seed, mean ± standard error:", ""]
+        lines.append("| control | metric | CIA − control | per seed |\n| --- | --- | --- | --- |")
+        for control, diffs in controls.items():
+            for metric, diff in diffs.items():
+                per_seed = ", ".join(f"{d * 100:+.1f}" for d in diff["differences"])
+                lines.append(
+                    f"| {control} | {metric} | {diff['mean'] * 100:+.2f} ± {diff['standard_error'] * 100:.2f} | "
+                    f"{per_seed} |"
+                )
     cost = results["cost"]
     lines.append("")
     lines.append(
@@ -208,6 +221,11 @@ def main() -> int:
             for versus, reference in (("zero_shot", zero_shot), ("baseline", rows["baseline"]))
         }
         rows[row]["selected_steps"] = [summaries[(row, seed)]["best"]["step"] for seed in args.seeds]
+    rows["cia"]["paired"]["controls"] = {
+        control: {m: paired(rows["cia"][m]["values"], rows[control][m]["values"]) for m in ("recall@1", "map@r")}
+        for control in CONTROLS
+        if control in rows
+    }
     runs = args.output_dir / "runs"
     inference = inference_ratio(
         runs / f"baseline-seed{args.seeds[0]}" / "model", runs / f"cia-seed{args.seeds[0]}" / "model"

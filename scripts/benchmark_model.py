@@ -93,9 +93,18 @@ def summarise(times: dict[str, list[float]], numerator: str, denominator: str) -
     }
 
 
+TOKEN_STRIDE = [16]  # the head's token stage (CrossMetricConfig.cia_token_stride); --cia_token_stride sets it
+
+
 def model_config(cia_levels: int) -> CrossMetricConfig:
     return CrossMetricConfig(
-        backbone=BACKBONE, image_size=64, embedding_dim=128, cia_levels=cia_levels, cia_dim=128, cia_heads=4
+        backbone=BACKBONE,
+        image_size=64,
+        embedding_dim=128,
+        cia_levels=cia_levels,
+        cia_dim=128,
+        cia_heads=4,
+        cia_token_stride=TOKEN_STRIDE[0],
     )
 
 
@@ -118,8 +127,8 @@ def training_cost(rounds: int, warmup: int, batch_classes: int, per_class: int, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     baseline_optimizer = torch.optim.AdamW(baseline.parameters(), lr=1e-4)
     head_optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-4)
-    with torch.no_grad():
-        tokens, embeddings = model.embedder(pixels, return_dict=False)
+    with torch.no_grad():  # the head's own tokens: the stage of stride cia_token_stride (one backbone pass)
+        _, embeddings, tokens, _ = model.forward_head_inputs(pixels)
     tokens, embeddings = tokens.detach(), embeddings.detach()
 
     def step(net: CrossMetricForMetricLearning, opt: torch.optim.Optimizer) -> None:
@@ -165,7 +174,8 @@ def training_cost(rounds: int, warmup: int, batch_classes: int, per_class: int, 
         "cia_dim": 128,
         "cia_levels": 2,
         "cia_heads": 4,
-        "tokens": list(tokens.shape),
+        "cia_token_stride": TOKEN_STRIDE[0],
+        "head_tokens": list(tokens.shape),
     }
     if profile or not result["passes"]:
         result["head_profile"] = profile_ops(head_part)
@@ -271,11 +281,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     parser.add_argument("--profile", action="store_true", help="profile the head even when it meets its target")
     parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument("--cia_token_stride", type=int, default=16, help="the head's token stage (0: last map)")
     parser.add_argument("--output", type=Path, default=REPO / "outputs" / "benchmarks" / "model_cost.json")
     args = parser.parse_args()
     if args.threads < 1 or args.rounds < 1 or args.warmup < 0:
         parser.error("--threads and --rounds must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)
+    TOKEN_STRIDE[0] = args.cia_token_stride
     load_before = os.getloadavg()
     report: dict[str, Any] = {
         "torch": torch.__version__,

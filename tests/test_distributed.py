@@ -85,3 +85,19 @@ def test_two_process_training_run_saves_a_checkpoint(tmp_path) -> None:
     assert [c.name for c in checkpoints] == ["checkpoint-1", "checkpoint-2"]
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
     assert state["num_processes"] == 2 and state["global_step"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head_weights", [["--cia_loss_weight", "0"], ["--cia_level_weights", "1", "0"]])
+def test_two_process_training_with_unreached_head_parameters(tmp_path, head_weights: list[str]) -> None:
+    """λ = 0 (no head loss) or a zero last-level weight leaves head parameters that no loss reaches: DDP must not
+    wait for their gradients (it would fail at the second step with an unused-parameter error)."""
+    shapes = make_shapes_folder(tmp_path / "shapes")
+    args = ["-m", "crossmetric.cli", "train", *TINY_RUN_ARGS, "--dataset", str(shapes)]
+    args += ["--output_dir", str(tmp_path / "out"), "--run_name", "run", "--max_steps", "3", "--export", "False"]
+    args += ["--eval_every_epochs", "0", "--zero_shot_eval", "False", *head_weights]
+    result = accelerate_launch(args)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    log = [json.loads(line) for line in (tmp_path / "out" / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [record for record in log if "level_losses" in record]
+    assert steps and all(len(record["level_losses"]) == 2 for record in steps)  # still reported, for logging

@@ -67,7 +67,7 @@ def exports(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def run(shapes, tmp_path_factory) -> Path:
-    """A real one-epoch training run (64 px, so the test_resnet token grid is 2×2)."""
+    """A real one-epoch training run (64 px: test_resnet's last map is 2×2, the head's stride-16 grid 4×4)."""
     output = tmp_path_factory.mktemp("runs")
     CrossMetricTrainer(
         TrainingConfig(
@@ -252,12 +252,12 @@ def test_attention_maps_read_the_heads_weights_on_the_token_grid(run) -> None:
     pixel_values = torch.randn(4, 3, 64, 64)
     pairs = [(0, 1), (2, 3), (3, 0)]
     attention = pair_attention(model, pixel_values, pairs)
-    assert attention.maps.shape == (3, 2, 2, 2)  # pairs × levels × the 64 px test_resnet's 2×2 feature map
+    assert attention.maps.shape == (3, 2, 4, 4)  # pairs × levels × the head's grid: test_resnet's stride 16 at 64 px
     with torch.no_grad():
         output = model(pixel_values, output_attentions=True)
     for p, (i, j) in enumerate(pairs):
         for level in range(2):
-            expected = output.attentions[level][i, j].mean(dim=0).reshape(2, 2).numpy()
+            expected = output.attentions[level][i, j].mean(dim=0).reshape(4, 4).numpy()
             np.testing.assert_allclose(attention.maps[p, level], expected, rtol=1e-5)
             assert attention.similarities[p, level] == pytest.approx(
                 float(output.conditional_similarities[level][i, j]), rel=1e-5

@@ -7,10 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from crossmetric import CrossImageAttentionHead
+from crossmetric.modeling.cross_image_attention import random_third_images
 
 
-def naive_pair_similarities(head: CrossImageAttentionHead, embeddings: torch.Tensor, tokens: torch.Tensor):
-    """docs/design.md §1 written literally: one ordered pair (i, j) at a time, no batching tricks."""
+def naive_pair_similarities(
+    head: CrossImageAttentionHead, embeddings: torch.Tensor, tokens: torch.Tensor, partners: torch.Tensor | None = None
+):
+    """docs/design.md §1 written literally: one ordered pair (i, j) at a time, no batching tricks.
+
+    In "shuffled" mode pair (i, j) is asked by z_{k|i}, k = partners[i, j], instead of z_{j|i}."""
     batch = embeddings.shape[0]
     seed = head.seed(embeddings)
     z = {(i, j): seed[i] for i in range(batch) for j in range(batch)}
@@ -23,7 +28,9 @@ def naive_pair_similarities(head: CrossImageAttentionHead, embeddings: torch.Ten
             keys = keys.view(-1, level.num_heads, level.head_dim)
             values = values.view(-1, level.num_heads, level.head_dim)
             for j in range(batch):
-                asker = z[(j, i)] if head.query_mode == "other" else z[(i, j)]
+                asker = {"other": z[(j, i)], "self": z[(i, j)]}.get(head.query_mode)
+                if head.query_mode == "shuffled":
+                    asker = z[(int(partners[i, j]), i)]
                 query = level.query(level.query_norm(asker)).view(level.num_heads, level.head_dim)
                 logits = torch.einsum("hc,thc->ht", query, keys) / level.head_dim**0.5
                 attention = logits.softmax(-1)
@@ -43,7 +50,7 @@ def naive_pair_similarities(head: CrossImageAttentionHead, embeddings: torch.Ten
 
 
 @pytest.mark.parametrize("levels", [1, 2, 3])
-@pytest.mark.parametrize("query", ["other", "self"])
+@pytest.mark.parametrize("query", ["other", "self", "shuffled"])
 def test_batched_head_equals_per_pair_loop(levels: int, query: str) -> None:
     head = CrossImageAttentionHead(
         embedding_dim=12, token_dim=10, width=16, num_levels=levels, num_heads=4, query=query
@@ -54,8 +61,9 @@ def test_batched_head_equals_per_pair_loop(levels: int, query: str) -> None:
     head.eval()
     embeddings = F.normalize(torch.randn(5, 12), dim=-1)
     tokens = torch.randn(5, 7, 10)
-    output = head(embeddings, tokens, output_attentions=True)
-    expected_sims, expected_attn = naive_pair_similarities(head, embeddings, tokens)
+    partners = random_third_images(5)
+    output = head(embeddings, tokens, output_attentions=True, partners=partners)
+    expected_sims, expected_attn = naive_pair_similarities(head, embeddings, tokens, partners)
     assert len(output.similarities) == levels
     for got, want in zip(output.similarities, expected_sims):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -88,3 +96,30 @@ def test_head_refuses_zero_levels_and_unknown_query() -> None:
         CrossImageAttentionHead(embedding_dim=8, token_dim=6, num_levels=0)
     with pytest.raises(ValueError, match="query"):
         CrossImageAttentionHead(embedding_dim=8, token_dim=6, query="both")
+
+
+@pytest.mark.parametrize("query", ["other", "self"])
+def test_pair_similarities_equal_the_batched_entries(query: str) -> None:
+    """Re-ranking's pair-list path gives the batched head's S^l[a, b], with the token projection too."""
+    head = CrossImageAttentionHead(embedding_dim=8, token_dim=6, width=8, num_levels=2, num_heads=2, query=query,
+                                   project_tokens=True)  # fmt: skip
+    head.reset_parameters()
+    for parameter in head.parameters():
+        parameter.data.add_(0.1 * torch.randn_like(parameter))
+    embeddings, tokens = torch.randn(5, 8), torch.randn(5, 9, 6)
+    batched = head(embeddings, tokens).similarities
+    first, second = torch.tensor([0, 0, 3, 4, 2]), torch.tensor([1, 4, 2, 0, 2])
+    for got, want in zip(head.pair_similarities(embeddings, tokens, first, second), batched):
+        torch.testing.assert_close(got, want[first, second], atol=1e-5, rtol=1e-5)
+
+
+def test_random_third_images_avoid_both_images_of_the_pair() -> None:
+    torch.manual_seed(0)
+    for batch in (3, 4, 9):
+        draws = torch.stack([random_third_images(batch) for _ in range(200)])
+        i = torch.arange(batch)[:, None]
+        j = torch.arange(batch)[None, :]
+        assert ((draws != i) & (draws != j)).all() and draws.max() < batch
+        seen = {int(k) for k in draws[:, 0, 1]}
+        assert seen == set(range(2, batch))  # every third image of pair (0, 1) is drawn
+    assert random_third_images(2).tolist() == [[1, 0], [1, 0]]  # two images: never the partner

@@ -84,7 +84,7 @@ def test_metric_learning_forward_gives_embeddings_similarities_and_loss() -> Non
     output = model(torch.randn(6, 3, 64, 64), labels=labels, output_attentions=True)
     assert output.embeddings.shape == (6, 16)
     assert [s.shape for s in output.conditional_similarities] == [(6, 6), (6, 6)]
-    assert output.attentions[0].shape == (6, 6, 2, 4)
+    assert output.attentions[0].shape == (6, 6, 2, 16)  # test_resnet's stride-16 stage: 4×4 at 64 px
     output.loss.backward()
     assert model.head.levels[0].key_value.weight.grad is not None
     first_backbone_weight = next(model.embedder.backbone.parameters())

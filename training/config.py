@@ -98,9 +98,15 @@ class TrainingConfig:
     cia_dim: int = field(default=128, metadata={"help": "head width d"})
     cia_mlp_ratio: float = field(default=2.0, metadata={"help": "head MLP width / d"})
     cia_dropout: float = field(default=0.0, metadata={"help": "head dropout"})
-    cia_query: str = field(default="other", metadata={"help": "other (paper) or self (ablation)"})
+    cia_query: str = field(
+        default="other",
+        metadata={"help": "other (paper), self (no-conditioning control) or shuffled (random third image control)"},
+    )
     cia_loss_weight: float = field(default=1.0, metadata={"help": "lambda: weight of the conditional losses"})
     cia_level_weights: list[float] | None = field(default=None, metadata={"help": "w_l per level, e.g. 0 1"})
+    cia_token_stride: int = field(
+        default=16, metadata={"help": "head keys/values from the backbone stage of this stride; 0: last map"}
+    )
     # loss
     loss: str = field(
         default="multi_similarity", metadata={"help": "base loss (see crossmetric.training.losses.registry)"}
@@ -217,6 +223,7 @@ class TrainingConfig:
             cia_query=self.cia_query,
             cia_loss_weight=self.cia_loss_weight,
             cia_level_weights=self.cia_level_weights,
+            cia_token_stride=self.cia_token_stride,
             **mean_std,
         )
 

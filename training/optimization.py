@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning
 from .config import TrainingConfig
+
+logger = logging.getLogger(__name__)
 
 
 def build_optimizer(
@@ -36,3 +40,29 @@ def freeze_batchnorm_parameters(model: nn.Module) -> None:
     for module in batchnorm_layers(model):
         for parameter in module.parameters():
             parameter.requires_grad_(False)
+
+
+def freeze_unreached_head_parameters(
+    model: CrossMetricForMetricLearning, loss_weight: float, level_weights: list[float] | None
+) -> list[str]:
+    """Freeze the head parameters that no loss term reaches; return their names (call before DDP wrapping).
+
+    Level l's parameters reach the loss through ``S^l`` and every later level. With λ = 0 nothing of the head does,
+    and with zero weights on the last levels those levels do not: under DDP such parameters never get a gradient
+    and the next step fails ("Expected to have finished reduction ..."). Frozen (``requires_grad=False``), DDP and
+    the optimizer leave them out; the objective still reports their levels' losses, computed without gradient.
+    """
+    head = model.head
+    if head is None:
+        return []
+    weights = level_weights if level_weights is not None else [1.0] * len(head.levels)
+    reached = max((index + 1 for index, weight in enumerate(weights) if loss_weight * weight > 0), default=0)
+    unreached = [head] if reached == 0 else list(head.levels[reached:])
+    frozen = []
+    for module in unreached:
+        for name, parameter in module.named_parameters():
+            parameter.requires_grad_(False)
+            frozen.append(name)
+    if frozen:
+        logger.info("%d head parameters reach no loss term (lambda * w_l = 0): frozen.", len(frozen))
+    return frozen

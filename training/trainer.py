@@ -36,6 +36,7 @@ from .embedding_init import initialize_embedding_from_features
 from .fault_points import fault_point
 from .model_selection import ModelSelection, add_validation_split
 from .optimization import batchnorm_layers, build_optimizer, freeze_batchnorm_parameters
+from .optimization import freeze_unreached_head_parameters as freeze_unreached_head
 from .recipes import fit_recipe
 from .result import TrainingResult
 
@@ -124,6 +125,7 @@ class CrossMetricTrainer:
         self.total_steps = config.max_steps if config.max_steps > 0 else batches_per_epoch * config.num_epochs
         if config.freeze_batchnorm:
             freeze_batchnorm_parameters(self.model)
+        freeze_unreached_head(self.model, self.objective.loss_weight, self.objective.level_weights)  # before DDP
         self.optimizer = build_optimizer(self.model, self.objective, config)
         self.scheduler = get_scheduler(
             config.lr_scheduler_type,
