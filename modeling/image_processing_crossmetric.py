@@ -17,6 +17,7 @@ from transformers.image_utils import PILImageResampling
 from .configuration_crossmetric import CrossMetricConfig
 
 _RESAMPLING = {
+    "lanczos": PILImageResampling.LANCZOS,  # transformers.js: sharp's antialiased lanczos3 resize, as PIL's
     "bilinear": PILImageResampling.BILINEAR,
     "bicubic": PILImageResampling.BICUBIC,
     "nearest": PILImageResampling.NEAREST,

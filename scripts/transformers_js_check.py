@@ -4,8 +4,9 @@
 
 Embeds ``--count`` images (default: from the glyph test split, written to PNG files) with
 ``AutoModel`` + ``AutoImageProcessor`` and with ``pipeline("image-feature-extraction", DIR)`` of transformers.js
-(``scripts/transformers_js_check.mjs``, fp32 and 8-bit), and reports the cosine of each pair. The resize differs
-slightly between the two libraries, so the bar is a cosine of at least 0.99 (fp32), not equality.
+(``scripts/transformers_js_check.mjs``, fp32 and 8-bit), and reports the cosine of each pair. The two libraries'
+Lanczos resizes (PIL, sharp) differ by a fraction of a grey level, so the bar is a cosine of at least 0.99 (fp32), not
+equality; a folder exported with bicubic or bilinear resizing misses it (transformers.js point-samples those).
 Needs Node and ``(cd scripts/transformers_js && npm install)``.
 """
 
