@@ -301,11 +301,11 @@ class EmbeddingIndex:
     # -- saving and loading ------------------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
         """The content of ``metadata.json``."""
-        from .. import __version__
+        from importlib.metadata import version  # not `from .. import __version__`: the package imports this module
 
         return {
             "format_version": FORMAT_VERSION,
-            "library": f"crossmetric {__version__}",
+            "library": f"crossmetric {version('crossmetric')}",
             "kind": self.kind,
             "metric": "inner_product",
             "dim": self.dim,
