@@ -9,7 +9,7 @@ Writes ``OUTPUT_DIR/metrics.json`` (the metrics of ``--model``; ``baseline_metri
 raw pixels and the zero-shot backbone, and the reason of each one skipped, so a reader sees whether training helped)
 and ``OUTPUT_DIR/report/`` (``recall_at_k.png`` with a curve per row, ``retrieval_grid.png``, with ``--checkpoint``
 ``attention_maps.png``, and ``report.md`` listing them with the metrics table). Every image of the split queries all
-the others (leave-one-out, docs/design.md §4); a dataset with ``query`` and ``gallery`` splits (In-Shop) is evaluated
+the others (leave-one-out, docs/design.md §5); a dataset with ``query`` and ``gallery`` splits (In-Shop) is evaluated
 queries against gallery (:class:`~crossmetric.evaluation.evaluator.Evaluator`, as in training). Mistakes in the
 arguments (missing model, unknown dataset, absent split) are reported
 before anything is embedded or written, with exit code 2.
