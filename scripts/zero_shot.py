@@ -120,7 +120,7 @@ def metrics(embeddings: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
 
 
 def zero_shot(dataset_name: str, split: str = "test", device: str = "cpu", check_imagenet: bool = False) -> dict:
-    from crossmetric.training.data import load_dml_dataset
+    from crossmetric.training.data.dml_dataset import load_dml_dataset
 
     data = load_dml_dataset(dataset_name)[split]
     labels = np.asarray(data["label"])
