@@ -95,6 +95,17 @@ class Process:
         return self.popen.returncode
 
 
+def run_cli(capsys: Any, *argv: str) -> tuple[int, str]:
+    """``crossmetric ARGV`` in this process (one thread); its exit code and stderr, which holds no traceback."""
+    from crossmetric.cli import main as cli
+
+    with one_thread():
+        code = cli.main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
 def start_cli(command: str, args: list[str], **env: str) -> Process:
     return Process([sys.executable, "-m", "crossmetric.cli", command, *args], cli_env(**env))
 
