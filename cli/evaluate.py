@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,8 @@ from ..evaluation.reranking import add_rerank_argument, rerank_metrics, rerank_s
 from ..hub.model_loading import load_embedder, load_training_checkpoint, resolve_model
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel
 from ..utils.atomic_files import write_atomic
-from .logging_setup import add_log_level_argument, progress_default
+from .arguments import add_device_argument, add_progress_argument, parse_and_run, report_error
+from .logging_setup import add_log_level_argument
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -74,13 +74,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "(default: both; --baselines alone: none)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled queries, pairs and k-means")
-    parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda when available)")
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=progress_default(),
-        help="progress bars (default: on a terminal only)",
-    )
+    add_device_argument(parser)
+    add_progress_argument(parser)
     add_rerank_argument(parser)
     return add_log_level_argument(parser)
 
@@ -205,8 +200,7 @@ def run_evaluate(ns: argparse.Namespace) -> int:
     try:
         plan = prepare(ns)
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
-        print(f"crossmetric evaluate: error: {error}", file=sys.stderr)
-        return 2
+        return report_error("evaluate", error)
     device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     evaluator = plan.evaluator
     rows = {"model": evaluator.embed(plan.embedder.to(device), device, ns.progress)}
@@ -236,9 +230,7 @@ def run_evaluate(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str]) -> int:
     """Parse ``argv`` and run ``crossmetric evaluate``."""
-    parser = argparse.ArgumentParser(
-        prog="crossmetric evaluate",
-        description="Embed a dataset's test split with a model, compute retrieval metrics and write a report with "
-        "pictures.",
+    description = (
+        "Embed a dataset's test split with a model, compute retrieval metrics and write a report with pictures."
     )
-    return run_evaluate(add_evaluate_arguments(parser).parse_args(list(argv)))
+    return parse_and_run(argv, add_evaluate_arguments, run_evaluate, "crossmetric evaluate", description)

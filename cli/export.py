@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
+from .arguments import report_error
 from .logging_setup import add_log_level_argument
 
 
@@ -40,7 +40,6 @@ def main(argv: Sequence[str]) -> int:
     try:
         directory = export_checkpoint(args.checkpoint, args.output_dir, onnx=args.onnx, onnx_recall=args.onnx_recall)
     except ImportError as error:  # the onnx extra is missing: the message names the pip command
-        print(f"crossmetric export: error: {error}", file=sys.stderr)
-        return 2
+        return report_error("export", error)
     print(f"exported to {directory}")
     return 0

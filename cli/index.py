@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..hub.model_loading import resolve_model
 from ..retrieval.storage import KINDS
-from .logging_setup import add_log_level_argument, progress_default
+from .arguments import add_backend_argument, add_device_argument, add_progress_argument, report_error
+from .logging_setup import add_log_level_argument
 
 SUBCOMMANDS = ("build",)
 
@@ -46,20 +46,10 @@ def add_index_build_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--ef_search", type=int, default=None, help="HNSW search width (default: calibrated)")
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists per query (default: calibrated)")
     parser.add_argument("--target_recall", type=float, default=0.95, help="recall@10 the calibration aims for")
-    parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda when available)")
+    add_device_argument(parser)
     add_backend_argument(parser)
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=progress_default(),
-        help="progress bars (default: on a terminal only)",
-    )
+    add_progress_argument(parser)
     return add_log_level_argument(parser)
-
-
-def _error(command: str, message: str) -> int:
-    print(f"crossmetric {command}: error: {message}", file=sys.stderr)
-    return 2
 
 
 def _load_images(ns: argparse.Namespace) -> Any:
@@ -102,7 +92,7 @@ def run_index_build(ns: argparse.Namespace) -> int:
             raise ValueError(f"--images {ns.images!r}: no such folder.")
         images = _load_images(ns)
     except (ValueError, FileNotFoundError) as error:
-        return _error("index build", str(error))
+        return report_error("index build", error)
     options = {
         "kind": ns.kind,
         "batch_size": ns.batch_size,
@@ -126,7 +116,7 @@ def run_index_build(ns: argparse.Namespace) -> int:
             index = build_index(ns.model, images, device=device, **options)
             index.save(ns.output_dir)
     except (ValueError, FileNotFoundError, ImportError) as error:
-        return _error("index build", str(error))
+        return report_error("index build", error)
     if index is not None:
         print(f"{index} saved to {ns.output_dir}")
     return 0
@@ -152,11 +142,3 @@ def main(argv: Sequence[str]) -> int:
     """Parse ``argv`` (``build ...``) and run the sub-command."""
     ns = build_parser().parse_args(list(argv))
     return run_index_build(ns)
-
-
-def add_backend_argument(parser: argparse.ArgumentParser) -> None:
-    """``--backend torch|onnx`` of ``index build`` and ``search``."""
-    parser.add_argument(
-        "--backend", choices=("torch", "onnx"), default="torch",
-        help="torch (default), or onnx: ONNX Runtime on the CPU with the model's onnx/model.onnx (export --onnx)",
-    )  # fmt: skip

@@ -17,6 +17,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from .arguments import report_error
 from .logging_setup import setup_logging, split_log_level
 
 # command -> the module (in this package) whose ``main(argv) -> int`` runs it
@@ -54,14 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
         # a user mistake (bad flag value, missing file): a clear message, no traceback
-        print(f"crossmetric {command}: error: {error}", file=sys.stderr)
-        return 2
+        return report_error(command, error)
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         # a full disk or quota is no bug either: say what happened and how to go on (the message does)
-        print(f"crossmetric {command}: error: {error if error.filename else error.strerror}", file=sys.stderr)
-        return 1
+        return report_error(command, error if error.filename else error.strerror, code=1)
 
 
 if __name__ == "__main__":

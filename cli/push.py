@@ -7,13 +7,15 @@ listings. Use ``HF_TOKEN`` or ``hf auth login``. Exit codes: 0 pushed, 1 the Hub
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..hub.model_loading import resolve_model
 from ..hub.push import DEFAULT_COMMIT_MESSAGE, HubPushError, push_to_hub_folder
+from .arguments import parse_and_run, report_error
 from .logging_setup import add_log_level_argument
+
+DESCRIPTION = "Upload an exported model (and its index) to the Hugging Face Hub."
 
 
 def add_push_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -56,11 +58,9 @@ def run_push(args: argparse.Namespace) -> int:
             endpoint=args.endpoint,
         )
     except ValueError as err:
-        print(f"crossmetric push: error: {err}", file=sys.stderr)
-        return 2
+        return report_error("push", err)
     except HubPushError as err:
-        print(f"crossmetric push: error: {err}", file=sys.stderr)
-        return 1
+        return report_error("push", err, code=1)
     print(commit.commit_url)
     if commit.pr_url:
         print(f"pull request: {commit.pr_url}")
@@ -69,7 +69,4 @@ def run_push(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str]) -> int:
     """Parse ``argv`` and run ``crossmetric push``."""
-    parser = argparse.ArgumentParser(
-        prog="crossmetric push", description="Upload an exported model (and its index) to the Hugging Face Hub."
-    )
-    return run_push(add_push_arguments(parser).parse_args(list(argv)))
+    return parse_and_run(argv, add_push_arguments, run_push, "crossmetric push", DESCRIPTION)

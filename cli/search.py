@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..hub.model_loading import resolve_model
-from .index import add_backend_argument
+from .arguments import add_backend_argument, add_device_argument, parse_and_run, report_error
 from .logging_setup import add_log_level_argument
+
+DESCRIPTION = "Find the gallery images nearest to query images in a saved index."
 
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -27,14 +28,9 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("images", nargs="+", help="query image files")
     parser.add_argument("--top_k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print one JSON object per query")
-    parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: cuda when available)")
+    add_device_argument(parser)
     add_backend_argument(parser)
     return add_log_level_argument(parser)
-
-
-def _error(command: str, message: str) -> int:
-    print(f"crossmetric {command}: error: {message}", file=sys.stderr)
-    return 2
 
 
 def run_search(ns: argparse.Namespace) -> int:
@@ -64,7 +60,7 @@ def run_search(ns: argparse.Namespace) -> int:
             retrieve = pipeline(TASK, model=str(model), top_k=ns.top_k, device=ns.device, **kwargs)
             results = retrieve(list(ns.images))
     except (ValueError, FileNotFoundError, ImportError) as error:
-        return _error("search", str(error))
+        return report_error("search", error)
     for image, hits in zip(ns.images, results):
         if ns.json:
             print(json.dumps({"query": image, "results": hits}, ensure_ascii=False))
@@ -78,7 +74,4 @@ def run_search(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str]) -> int:
     """Parse ``argv`` and run ``crossmetric search``."""
-    parser = argparse.ArgumentParser(
-        prog="crossmetric search", description="Find the gallery images nearest to query images in a saved index."
-    )
-    return run_search(add_search_arguments(parser).parse_args(list(argv)))
+    return parse_and_run(argv, add_search_arguments, run_search, "crossmetric search", DESCRIPTION)

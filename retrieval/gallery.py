@@ -16,6 +16,7 @@ Images that cannot be decoded are skipped (with a warning) in both paths.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -228,25 +229,26 @@ def embed_gallery_distributed(
     images: Any,
     shards: Path,
     accelerator: Any,
-    *,
-    batch_size: int = 64,
-    progress: bool = True,
-    num_workers: int = 0,
-    image_column: str = "image",
-    label_column: str | None = "label",
-    id_column: str | None = None,
-    backend: str = "torch",
+    **options: Any,
 ) -> tuple[Gallery | None, int]:
     """Embed ``images`` with every process of ``accelerator``; return ``(gallery, item count)`` on the main
-    process and ``(None, item count)`` on the others.
+    process and ``(None, item count)`` on the others. ``options`` are :func:`embed_gallery`'s (``batch_size``,
+    ``progress``, ``num_workers``, ``image_column``, ``label_column``, ``id_column``, ``backend``), with the same
+    defaults; the device is the accelerator's.
 
     Each process embeds every ``num_processes``-th row starting at its ``process_index`` and writes its shard to
     ``shards`` (a folder every process sees); the main process merges them in the original order and removes
     ``shards``. All processes return after the merge.
     """
+    refused = {"device", "image_processor"}.intersection(options)
+    if refused:
+        raise TypeError(f"embed_gallery_distributed() got unexpected keyword argument(s) {sorted(refused)}")
+    bound = inspect.signature(embed_gallery).bind(model, images, **options)  # embed_gallery's checks and defaults
+    bound.apply_defaults()
+    o = bound.arguments
     rank, world = accelerator.process_index, accelerator.num_processes
-    records = as_records(images, image_column, label_column, id_column)  # same order in every process
-    embedder, processor = load_embedder(model, backend=backend)
+    records = as_records(images, o["image_column"], o["label_column"], o["id_column"])  # same order everywhere
+    embedder, processor = load_embedder(model, backend=o["backend"])
     if accelerator.is_main_process:
         shutil.rmtree(shards, ignore_errors=True)
         shards.mkdir(parents=True)
@@ -254,8 +256,9 @@ def embed_gallery_distributed(
     mine = np.arange(rank, len(records), world, dtype=np.int64)
     if len(mine):
         result = embed_images(
-            embedder, processor, records.subset(mine), batch_size, accelerator.device,
-            progress and accelerator.is_main_process, image_column=records.image_column, num_workers=num_workers,
+            embedder, processor, records.subset(mine), o["batch_size"], accelerator.device,
+            o["progress"] and accelerator.is_main_process, image_column=records.image_column,
+            num_workers=o["num_workers"],
             allow_empty=True, desc=f"Embedding images (process {rank}/{world})",
         )  # fmt: skip
         _save_shard(shards, rank, result.embeddings, mine[result.kept], result.skipped.files)

@@ -29,34 +29,20 @@ def check_path_in_repo(path: str) -> tuple[str, ...]:
 
 
 def push_index(
-    index: Any,
-    repo_id: str,
-    *,
-    path_in_repo: str | None = None,
-    private: bool = False,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-    token: str | None = None,
-    endpoint: str | None = None,
+    index: Any, repo_id: str, *, path_in_repo: str | None = None, commit_message: str | None = None, **options: Any
 ) -> Any:
-    """Save ``index`` into a temporary folder laid out as in the repo and upload it in one commit."""
+    """Save ``index`` into a temporary folder laid out as in the repo and upload it in one commit.
+
+    ``options`` are :func:`~crossmetric.hub.push.push_to_hub_folder`'s: ``private``, ``revision``,
+    ``create_pr``, ``token``, ``endpoint``.
+    """
     from ..hub.push import push_to_hub_folder
 
     parts = check_path_in_repo(path_in_repo) if path_in_repo else ()
     with tempfile.TemporaryDirectory(prefix="crossmetric-index-") as staging:
         upload = Path(staging, "upload")
         index.save(upload.joinpath(*parts))
-        return push_to_hub_folder(
-            upload,
-            repo_id,
-            private=private,
-            revision=revision,
-            create_pr=create_pr,
-            commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
-            token=token,
-            endpoint=endpoint,
-        )
+        return push_to_hub_folder(upload, repo_id, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE, **options)
 
 
 def _pick(root: Path, candidates: list[tuple[str, ...]], where: str) -> Path:

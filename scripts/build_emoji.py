@@ -51,14 +51,11 @@ seeds); the manifest records those versions.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import logging
 import random
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -67,6 +64,9 @@ import numpy as np
 from PIL import Image
 from PIL import features as pil_features
 from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _embedded_build, also when loaded by file path
+from _embedded_build import base_parser, publish, split_summary, staging_folder, write_split  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "training" / "data" / "emoji_data"
@@ -201,14 +201,6 @@ def encode_webp(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array, mode="RGB").save(buffer, format="WEBP", lossless=True, quality=100, method=4)
     return buffer.getvalue()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def code_points_by_name(sets: dict[str, dict]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -346,9 +338,7 @@ def build(args: argparse.Namespace) -> dict:
         },
         "splits": {},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".emoji-", dir=args.out.parent))
-    try:
+    with staging_folder(args.out.resolve(), ".emoji-") as tmp_dir:
         for split in ("train", "test"):
             rows: dict[str, list] = {"image": [], "label": [], "design": []}
             per_class = []
@@ -364,38 +354,23 @@ def build(args: argparse.Namespace) -> dict:
                     rows["image"].append({"bytes": encode_webp(rendered[cps][name]), "path": None})
                     rows["label"].append(label)
                     rows["design"].append(name)
-            path = tmp_dir / f"{split}.parquet"
-            datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
             manifest["splits"][split] = {
-                "file": path.name,
-                "sha256": sha256_file(path),
-                "num_rows": len(rows["label"]),
+                **write_split(tmp_dir, split, rows, features),
                 "num_classes": len(per_class),
                 "images_per_class": {str(k): per_class.count(k) for k in sorted(set(per_class))},
                 "images_per_design": {n: rows["design"].count(n) for n in order},
             }
-        tmp_dir.chmod(0o755)  # mkdtemp makes it private
-        (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        if args.out.exists():
-            shutil.rmtree(args.out)
-        tmp_dir.rename(args.out)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir)
+        publish(tmp_dir, args.out.resolve(), manifest)
     return manifest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = base_parser(__doc__, DEFAULT_OUT, 800, "emoji to keep (half train)", "npm packages")
     parser.add_argument("--npm-dir", type=Path, default=Path("/tmp/emoji_npm"), help="holds node_modules/@iconify-json")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--num-classes", type=int, default=800)
     parser.add_argument("--min-designs", type=int, default=4)
     parser.add_argument("--max-designs", type=int, default=10)
     parser.add_argument("--dedup-threshold", type=float, default=0.02, help="same-emoji: 1 - cosine below this")
     parser.add_argument("--confusable-threshold", type=float, default=0.005, help="other emoji, same design")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--print-packages", action="store_true", help="print the npm packages to install; exit")
     return parser.parse_args(argv)
 
 
@@ -406,8 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     manifest = build(args)
-    summary = {s: {k: v for k, v in e.items() if k != "sha256"} for s, e in manifest["splits"].items()}
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(split_summary(manifest), indent=2))
 
 
 if __name__ == "__main__":

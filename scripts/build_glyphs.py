@@ -40,15 +40,11 @@ commit the new manifest together with the parquet files.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import logging
-import os
 import random
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +53,9 @@ from fontTools.ttLib import TTFont
 from PIL import Image, ImageDraw, ImageFont
 from PIL import features as pil_features
 from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _embedded_build, also when loaded by file path
+from _embedded_build import base_parser, publish, split_summary, staging_folder, write_split  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "training" / "data" / "glyphs_data"
@@ -273,14 +272,6 @@ def check_fonts_installed(faces: tuple[FontFace, ...]) -> None:
         )
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build(args: argparse.Namespace) -> dict:
     """Render, filter and split; write the folder atomically; return the manifest."""
     check_fonts_installed(FONT_FACES)
@@ -336,9 +327,6 @@ def build(args: argparse.Namespace) -> dict:
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=names), "font": datasets.Value("string")}
     )
     out_dir = Path(args.out).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".glyphs-build-", dir=out_dir.parent))
-    tmp_dir.chmod(0o755)  # mkdtemp makes it private; the data folder is meant to be shared
     manifest: dict = {
         "description": "CJK characters drawn by many fonts; class-disjoint train/test. "
         "Built by scripts/build_glyphs.py.",
@@ -361,7 +349,7 @@ def build(args: argparse.Namespace) -> dict:
         },
         "splits": {},
     }
-    try:
+    with staging_folder(out_dir, ".glyphs-build-") as tmp_dir:
         for split, split_list in split_chars.items():
             rows = {"image": [], "label": [], "font": []}
             for ch in split_list:
@@ -369,51 +357,29 @@ def build(args: argparse.Namespace) -> dict:
                     rows["image"].append({"bytes": png, "path": None})
                     rows["label"].append(label_of[ch])
                     rows["font"].append(FONT_FACES[face_id].name)
-            path = tmp_dir / f"{split}.parquet"
-            datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
             per_class = [len(kept[ch]) for ch in split_list]
             manifest["splits"][split] = {
-                "file": path.name,
-                "sha256": sha256_file(path),
-                "bytes": path.stat().st_size,
-                "num_rows": len(rows["label"]),
+                **write_split(tmp_dir, split, rows, features, size=True),
                 "num_classes": len(split_list),
                 "min_images_per_class": min(per_class),
                 "max_images_per_class": max(per_class),
             }
-        (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        # Swap the finished folder in: readers see either the old complete set or the new one.
-        backup = out_dir.with_name(out_dir.name + ".old")
-        if out_dir.exists():
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(out_dir, backup)
-        os.replace(tmp_dir, out_dir)
-        shutil.rmtree(backup, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        publish(tmp_dir, out_dir, manifest)
     return manifest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (replaced as a whole)")
-    parser.add_argument("--num-classes", type=int, default=1000, help="characters to keep (even; half train)")
+    parser = base_parser(__doc__, DEFAULT_OUT, 1000, "characters to keep (even; half train)", "Debian font packages")
     parser.add_argument("--fonts-per-class", type=int, default=24, help="at most this many fonts per character")
     parser.add_argument("--min-fonts", type=int, default=15, help="drop characters with fewer usable fonts")
     parser.add_argument(
-        "--dedup-threshold",
-        type=float,
-        default=0.15,
+        "--dedup-threshold", type=float, default=0.15,
         help="ink distance below which two renderings of a character count as the same drawing",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--select",
-        choices=("confusable", "random"),
-        default="confusable",
+        "--select", choices=("confusable", "random"), default="confusable",
         help="which characters to keep: those with the closest look-alikes, or a seeded sample",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--print-packages", action="store_true", help="print the Debian font packages and exit")
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -424,8 +390,8 @@ def main(argv: list[str] | None = None) -> None:
         print(" ".join(sorted({f.package for f in FONT_FACES})))
         return
     manifest = build(args)
-    summary = {s: {k: v for k, v in m.items() if k != "sha256"} for s, m in manifest["splits"].items()}
-    print(json.dumps({"out": args.out, "filter_counts": manifest["filter_counts"], "splits": summary}, indent=2))
+    summary = {"out": str(args.out), "filter_counts": manifest["filter_counts"], "splits": split_summary(manifest)}
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -16,38 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-from _training_fixtures import make_shapes_folder
-
-# The tiny run of tests/_training_fixtures.py (TINY_RUN_ARGS) as TrainingConfig fields, so that one dict gives both
-# the command line of a subprocess and the config of an in-process run: identical settings by construction.
-TINY_RUN: dict[str, Any] = {
-    "backbone": "test_resnet", "pretrained": "none", "image_size": 32, "embedding_dim": 16, "cia_dim": 16,
-    "cia_heads": 2, "batch_size": 8, "samples_per_class": 2, "eval_batch_size": 32, "warmup_steps": 0,
-    "progress": False, "split_strategy": "sorted", "run_name": "run", "logging_steps": 1,
-}  # fmt: skip
+from _training_fixtures import TINY_RUN, make_shapes_folder, one_thread, tiny_config  # noqa: F401 (re-exported)
 
 
 def cli_args(fields: dict[str, Any]) -> list[str]:
     """``--field value`` for every field (None values left out)."""
     return [item for name, value in fields.items() if value is not None for item in (f"--{name}", str(value))]
-
-
-def tiny_config(**fields: Any):
-    from crossmetric.training.config import TrainingConfig
-
-    return TrainingConfig(**{**TINY_RUN, **fields})
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run in-process training with one thread, as the subprocesses (OMP_NUM_THREADS=1): bit-identical results."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -119,6 +93,17 @@ class Process:
         while self._take(timeout=5):
             pass
         return self.popen.returncode
+
+
+def run_cli(capsys: Any, *argv: str) -> tuple[int, str]:
+    """``crossmetric ARGV`` in this process (one thread); its exit code and stderr, which holds no traceback."""
+    from crossmetric.cli import main as cli
+
+    with one_thread():
+        code = cli.main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
 
 
 def start_cli(command: str, args: list[str], **env: str) -> Process:

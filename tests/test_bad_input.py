@@ -20,14 +20,13 @@ import _fault_helpers
 import _hub_server
 import numpy as np
 import pytest
-from _fault_helpers import TINY_RUN, cli_args, cli_env, mounted_tmpfs, one_thread, tiny_config, tree_digest
+from _fault_helpers import TINY_RUN, cli_args, cli_env, mounted_tmpfs, one_thread, run_cli, tiny_config, tree_digest
 from _training_fixtures import make_shapes_folder
 from PIL import Image
 from test_bad_images import png_header_only, truncated_jpeg
 from transformers import BertConfig, BertModel
 
 from crossmetric import CrossMetricModel
-from crossmetric.cli import main as cli
 from crossmetric.training.trainer import CrossMetricTrainer
 
 hub_server = _hub_server.hub_server  # the fixture, bound here so that pytest finds it
@@ -42,14 +41,6 @@ def shapes(tmp_path_factory) -> Path:
 def trained(tmp_path_factory) -> Path:
     """A finished tiny run (checkpoints and export), shared with test_security.py; read-only."""
     return _fault_helpers.trained_run(tmp_path_factory.getbasetemp() / "trained")
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str]:
-    with one_thread():
-        code = cli.main(list(argv))
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return code, err
 
 
 # ------------------------------------------------------------------------------------------------ images

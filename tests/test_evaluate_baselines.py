@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _training_fixtures import make_shapes_folder
+from _training_fixtures import TINY_MODEL, make_shapes_folder, one_thread_fixture
 
 from crossmetric.cli.main import main
 from crossmetric.evaluation.evaluator import Evaluator, raw_pixel_features
@@ -25,18 +25,12 @@ from crossmetric.training.data.dml_dataset import label_array, load_dml_dataset
 from crossmetric.training.embedding_init import pooled_features
 from crossmetric.training.pretrained import WEIGHT_SOURCES, load_pretrained_backbone
 
-TINY = dict(backbone="test_resnet", image_size=32, embedding_dim=16, cia_dim=16, cia_heads=2)
+TINY = {**TINY_MODEL, "image_size": 32}
 MODEL_KEYS = {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi"}
 LITE0 = "pypi:efficientnet-lite0"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models on a busy 2-core machine (see tests/test_evaluate_command.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(scope="module", autouse=True, name="_one_thread")(one_thread_fixture)  # tiny models
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +100,7 @@ def test_no_training_config_and_no_baselines(shapes, tmp_path, capsys) -> None:
 
 def test_zero_shot_row_is_the_pretrained_backbones_pooled_features(shapes, tmp_path, capsys) -> None:
     """lite0 at 32 px: the row equals the metrics of the ImageNet backbone's pooled, L2-normalised features."""
-    config = CrossMetricConfig(
-        backbone="tf_efficientnet_lite0",
-        image_size=32,
-        embedding_dim=16,
-        cia_dim=16,
-        cia_heads=2,
-        **WEIGHT_SOURCES[LITE0].normalisation,
-    )
+    config = CrossMetricConfig(**{**TINY, "backbone": "tf_efficientnet_lite0"}, **WEIGHT_SOURCES[LITE0].normalisation)
     model = _export(tmp_path / "model", config, pretrained=LITE0)
     out = tmp_path / "eval"
     args = ("--model", str(model), "--dataset", str(shapes), "--output_dir", str(out), "--baselines", "zero_shot")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _training_fixtures import make_shapes_folder
+from _training_fixtures import TINY_MODEL, make_shapes_folder, one_thread_fixture, tiny_config
 from datasets import ClassLabel, Dataset, DatasetDict, Features
 from datasets import Image as ImageFeature
 from PIL import Image
@@ -34,17 +34,10 @@ from crossmetric.training.data.dml_dataset import load_dml_dataset
 from crossmetric.training.trainer import CrossMetricTrainer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TINY = dict(backbone="test_resnet", embedding_dim=16, cia_dim=16, cia_heads=2)
+TINY = TINY_MODEL
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a busy 2-core machine two threads spin-wait on each other
-    (measured: a 12-image forward of the test model took 8 ms of CPU with one thread, 350 ms with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(scope="module", autouse=True, name="_one_thread")(one_thread_fixture)  # tiny models
 
 
 @pytest.fixture(scope="module")
@@ -69,23 +62,10 @@ def exports(tmp_path_factory) -> tuple[Path, Path]:
 def run(shapes, tmp_path_factory) -> Path:
     """A real one-epoch training run (64 px: test_resnet's last map is 2×2, the head's stride-16 grid 4×4)."""
     output = tmp_path_factory.mktemp("runs")
-    CrossMetricTrainer(
-        TrainingConfig(
-            dataset=str(shapes),
-            pretrained="none",
-            image_size=64,
-            batch_size=6,
-            samples_per_class=2,
-            num_epochs=1,
-            progress=False,
-            split_strategy="sorted",
-            output_dir=str(output),
-            run_name="run",
-            eval_batch_size=32,
-            warmup_steps=0,
-            **TINY,
-        )
-    ).train().export()
+    config = tiny_config(
+        logging_steps=10, dataset=str(shapes), output_dir=str(output), image_size=64, batch_size=6, num_epochs=1
+    )
+    CrossMetricTrainer(config).train().export()
     return output / "run"
 
 

@@ -24,14 +24,13 @@ import _hub_server
 import numpy as np
 import pytest
 import torch
-from _fault_helpers import TINY_RUN, cli_args, cli_env, one_thread, tree_digest
+from _fault_helpers import TINY_RUN, cli_args, cli_env, run_cli, tree_digest
 from _hub_server import HubServer
 from _training_fixtures import make_shapes_folder
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, pipeline
 
 from crossmetric import CrossMetricForMetricLearning, CrossMetricModel
-from crossmetric.cli import main as cli
 from crossmetric.modeling.modeling_crossmetric import save_embedder
 
 hub_server = _hub_server.hub_server  # the fixture, bound here so that pytest finds it
@@ -51,14 +50,6 @@ class Payload:
 
     def __reduce__(self):
         return (open, (str(self.marker), "w"))
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str]:
-    with one_thread():
-        code = cli.main(list(argv))
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return code, err
 
 
 # ------------------------------------------------------------------------------------------------ pickles

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from _training_fixtures import TINY_RUN_ARGS, make_shapes_folder
+from _training_fixtures import tiny_config as tiny_run_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -25,27 +26,8 @@ def shapes(tmp_path_factory) -> Path:
 
 
 def tiny_config(shapes: Path, output_dir: Path, **overrides) -> TrainingConfig:
-    values = dict(
-        dataset=str(shapes),
-        output_dir=str(output_dir),
-        run_name="run",
-        backbone="test_resnet",
-        pretrained="none",
-        image_size=32,
-        embedding_dim=16,
-        cia_dim=16,
-        cia_heads=2,
-        batch_size=8,
-        samples_per_class=2,
-        eval_batch_size=32,
-        warmup_steps=0,
-        progress=False,
-        split_strategy="sorted",
-        num_epochs=2,
-        logging_steps=1,
-    )
-    values.update(overrides)
-    return TrainingConfig(**values)
+    """Two epochs of the tiny run (_training_fixtures.TINY_RUN) on ``shapes``."""
+    return tiny_run_config(**{"dataset": str(shapes), "output_dir": str(output_dir), "num_epochs": 2, **overrides})
 
 
 def test_train_logs_checkpoints_evaluates_and_exports(shapes, tmp_path) -> None:

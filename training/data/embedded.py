@@ -46,7 +46,7 @@ class EmbeddedDataError(RuntimeError):
 GlyphsDataError = EmbeddedDataError  # the name of the first release
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -79,7 +79,7 @@ def verify_embedded(directory: str | Path = GLYPHS_DIR) -> dict[str, Any]:
         path = directory / entry["file"]
         if not path.is_file():
             raise EmbeddedDataError(f"{directory.name} {split} file {path} is missing. {_fix(directory)}")
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise EmbeddedDataError(
                 f"{directory.name} {split} file {path} has sha256 {digest}, but the manifest records "
