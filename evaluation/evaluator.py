@@ -69,6 +69,10 @@ def evaluate_embedder(
     return retrieval_metrics(embeddings, labels, ks=ks, seed=seed, progress=False)
 
 
+class DivergedModelError(ValueError):
+    """The embedder produced non-finite or collapsed embeddings: training diverged."""
+
+
 LEAVE_ONE_OUT_KS = (1, 2, 4, 8)
 QUERY_GALLERY_KS = (1, 10, 20, 30, 40, 50)  # the In-Shop protocol's K
 Embedded = list[tuple[np.ndarray, np.ndarray]]  # (embeddings, labels) of the split, or of query and gallery
@@ -131,10 +135,26 @@ class Evaluator:
         ]
 
     def metrics(self, embedded: Embedded) -> dict[str, float]:
-        """Recall@K, MAP@R, R-precision and NMI of already computed embeddings."""
+        """Recall@K, MAP@R, R-precision and NMI of already computed embeddings.
+
+        Raises:
+            DivergedModelError: some embeddings are not finite or not unit vectors (a diverged model).
+        """
+        for embeddings, _ in embedded:
+            norms = np.linalg.norm(embeddings, axis=1)
+            broken = int((~np.isfinite(norms) | (norms < 0.5)).sum())
+            if broken:
+                raise DivergedModelError(
+                    f"{broken} of {len(embeddings)} {self.name} embeddings are not finite or not unit vectors: the "
+                    "model diverged; lower the learning rates (--learning_rate, --backbone_learning_rate)."
+                )
         (embeddings, labels), *gallery = embedded
         options = {"gallery_embeddings": gallery[0][0], "gallery_labels": gallery[0][1]} if gallery else {}
         return retrieval_metrics(embeddings, labels, ks=self.ks, seed=self.seed, progress=False, **options)
+
+    def worst_metrics(self) -> dict[str, float]:
+        """What a model that retrieves nothing scores (a diverged candidate is recorded with these)."""
+        return {**{f"recall@{k}": 0.0 for k in self.ks}, "map@r": 0.0, "r_precision": 0.0, "nmi": 0.0}
 
     def __call__(self, embedder: CrossMetricModel, device: Any = None, progress: bool = True) -> dict[str, float]:
         return self.metrics(self.embed(embedder, device, progress))

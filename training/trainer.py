@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..evaluation.evaluator import Evaluator
+from ..evaluation.evaluator import DivergedModelError, Evaluator
 from ..modeling.configuration_crossmetric import HEAD_FIELDS
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning
 from ..utils.atomic_files import check_writable
@@ -202,22 +202,12 @@ class CrossMetricTrainer:
         metrics = self._evaluate(self.test_evaluator, record="final")
         if c.report_to != "none":
             accelerator.end_training()
+        median_step = statistics.median(self.step_seconds) if self.step_seconds else None
         return TrainingResult(
-            self.run_directory,
-            self.global_step,
-            metrics,
-            self.selection.best,
-            self.history,
-            train_seconds,
-            None,
-            statistics.median(self.step_seconds) if self.step_seconds else None,
-            self.zero_shot,
-            self.selection_split,
-            self.validation_curve,
-            self.recipe,
-            accelerator.unwrap_model(self.model),
-            c,
-        )
+            self.run_directory, self.global_step, metrics, self.selection.best, self.history, train_seconds, None,
+            median_step, self.zero_shot, self.selection_split, self.validation_curve, self.recipe,
+            accelerator.unwrap_model(self.model), c,
+        )  # fmt: skip
 
     def _train_epoch(self) -> None:
         c, accelerator = self.config, self.accelerator
@@ -324,7 +314,13 @@ class CrossMetricTrainer:
         if self.accelerator.is_main_process:
             embedder = self.accelerator.unwrap_model(self.model).embedder
             progress = self.config.progress and self.accelerator.is_local_main_process
-            metrics = evaluator(embedder, device=self.accelerator.device, progress=progress)
+            try:
+                metrics = evaluator(embedder, device=self.accelerator.device, progress=progress)
+            except DivergedModelError as error:
+                if record != "eval":
+                    raise
+                logger.warning("step %d: %s It stays a candidate that retrieves nothing.", self.global_step, error)
+                metrics = evaluator.worst_metrics()
             if record is not None:
                 self._append_log({"step": self.global_step, "epoch": self.epoch, record: metrics})
             logger.info("step %d, %s: %s", self.global_step, evaluator.name, _format(metrics))
