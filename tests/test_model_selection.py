@@ -91,3 +91,18 @@ def test_recipe_sizes_p_k_from_small_data_and_keeps_explicit_values() -> None:
     assert (explicit.batch_size, explicit.samples_per_class, explicit.learning_rate) == (32, 2, 5e-4)
     assert explicit.freeze_batchnorm is True and explicit.embedding_init == "pca"  # pretrained weights by default
     assert explicit.backbone_learning_rate < explicit.learning_rate  # new layers faster than the backbone
+
+
+def test_a_folder_with_6_classes_of_3_images_trains_with_a_smaller_p_and_k(tmp_path, caplog) -> None:
+    folder = make_shapes_folder(tmp_path / "small", num_classes=6, per_class=3)
+    config = TrainingConfig(
+        dataset=str(folder), output_dir=str(tmp_path / "out"), run_name="run", backbone="test_resnet",
+        pretrained="none", image_size=32, embedding_dim=16, cia_dim=16, cia_heads=2, progress=False,
+        split_strategy="sorted", max_steps=3, eval_batch_size=32,
+    )  # fmt: skip
+    with caplog.at_level("INFO"):
+        result = CrossMetricTrainer(config).train()
+    assert result.global_step == 3 and (config.samples_per_class, config.batch_size) == (3, 9)
+    assert "only 3 training classes, so P=3" in caplog.text and "K=3" in caplog.text
+    assert result.selection_split is None  # 3 train classes: too few for a validation split, said in the log
+    assert "no validation split" in caplog.text
