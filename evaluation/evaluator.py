@@ -2,7 +2,7 @@
 
 :class:`Evaluator` is chosen from a dataset's splits (leave-one-out on one split, or the In-Shop query-vs-gallery
 protocol) and serves the trainer (validation selection, the final test), ``crossmetric evaluate`` and the benchmark
-scripts, like sentence-transformers' evaluators with their ``primary_metric``. It also scores the two floors every
+scripts, like sentence-transformers' evaluators. It also scores the two floors every
 report shows: raw pixels and the untrained (zero-shot) embedder.
 """
 
@@ -31,9 +31,11 @@ def embed_split(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     progress: bool = True,
+    pooled: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings (N×D float32) and labels (N) of a ``datasets`` split with ``image`` and ``label`` columns,
-    preprocessed as the model's evaluation transform (resize, centre crop)."""
+    preprocessed as the model's evaluation transform (resize, centre crop). ``pooled`` returns the backbone's pooled
+    features (N×C, before the embedding layer) instead."""
     device = torch.device(device) if device is not None else next(embedder.parameters()).device
     transform = build_transform(embedder.config.preprocessing, train=False)
     loader = DataLoader(
@@ -46,27 +48,15 @@ def embed_split(
     embedder.eval().to(memory_format=torch.channels_last)  # faster CPU convolutions; values unchanged
     embeddings, labels = [], []
     for batch in tqdm(loader, desc="embedding", disable=not progress, dynamic_ncols=True, leave=False):
-        output = embedder(batch["pixel_values"].to(device).contiguous(memory_format=torch.channels_last))
-        embeddings.append(output.pooler_output.float().cpu().numpy())
+        pixel_values = batch["pixel_values"].to(device).contiguous(memory_format=torch.channels_last)
+        output = (
+            embedder.pool(*embedder.forward_tokens(pixel_values)) if pooled else embedder(pixel_values).pooler_output
+        )
+        embeddings.append(output.float().cpu().numpy())
         labels.append(batch["labels"].numpy())
         fault_point("evaluation")  # test hook (tests/test_faults.py): a no-op unless CROSSMETRIC_TEST_PAUSE is set
     embedder.train(was_training)
     return np.concatenate(embeddings), np.concatenate(labels)
-
-
-def evaluate_embedder(
-    embedder: CrossMetricModel,
-    split: Any,
-    *,
-    batch_size: int = 256,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    seed: int = 0,
-    ks: tuple[int, ...] = (1, 2, 4, 8),
-) -> dict[str, float]:
-    """Recall@K, MAP@R, R-precision and NMI of the embedder on ``split`` (every image queries all others)."""
-    embeddings, labels = embed_split(embedder, split, batch_size=batch_size, device=device, progress=progress)
-    return retrieval_metrics(embeddings, labels, ks=ks, seed=seed, progress=False)
 
 
 class DivergedModelError(ValueError):
@@ -88,7 +78,6 @@ class Evaluator:
         gallery: In-Shop's gallery split: the queries search it instead of each other.
         name: what the set is called in logs and reports (``"validation"``, ``"test"``, ``"query vs gallery"``).
         ks: K of Recall@K (default 1, 2, 4, 8; with a gallery 1, 10, 20, 30, 40, 50).
-        primary_metric: the metric a model is selected on.
     """
 
     queries: Any
@@ -97,7 +86,6 @@ class Evaluator:
     ks: tuple[int, ...] | None = None
     batch_size: int = 256
     seed: int = 0
-    primary_metric: str = "recall@1"
 
     def __post_init__(self) -> None:
         if self.ks is None:

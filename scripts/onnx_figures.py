@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from crossmetric import CrossMetricModel
-from crossmetric.evaluation.evaluator import evaluate_embedder
+from crossmetric.evaluation.evaluator import Evaluator
 from crossmetric.hub.onnx_export import (
     CHECK_FILE,
     FP32_FILE,
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         started = time.perf_counter()
         recall = split_recall_at_1(paths, model.config.preprocessing, split)
-        recall["pytorch"] = evaluate_embedder(model, split, progress=False, ks=(1,))["recall@1"]
+        recall["pytorch"] = Evaluator(split, ks=(1,))(model, progress=False)["recall@1"]
         figures["recall_at_1"] = recall
         figures["recall_seconds"] = round(time.perf_counter() - started, 1)
     args.output.write_text(json.dumps(figures, indent=2) + "\n")

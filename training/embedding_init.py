@@ -16,15 +16,12 @@ import logging
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from .data.transforms import attach_transform, build_transform, collate_fn
+from ..evaluation.evaluator import embed_split
 
 logger = logging.getLogger(__name__)
 
 
-@torch.no_grad()
 def pooled_features(
     embedder: Any, split: Any, *, max_images: int, batch_size: int, seed: int, device: torch.device, progress: bool
 ) -> torch.Tensor:
@@ -32,19 +29,8 @@ def pooled_features(
     if len(split) > max_images:
         chosen = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:max_images]
         split = split.select(sorted(chosen.tolist()))
-    transform = build_transform(embedder.config.preprocessing, train=False)
-    loader = DataLoader(
-        attach_transform(split, transform), batch_size=batch_size, collate_fn=collate_fn, generator=torch.Generator()
-    )
-    was_training = embedder.training
-    embedder.eval()
-    features = []
-    for batch in tqdm(loader, desc="features for the embedding layer", disable=not progress, leave=False):
-        pixel_values = batch["pixel_values"].to(device).contiguous(memory_format=torch.channels_last)
-        tokens, cls_token = embedder.forward_tokens(pixel_values)
-        features.append(embedder.pool(tokens, cls_token).float().cpu())
-    embedder.train(was_training)
-    return torch.cat(features)
+    features, _ = embed_split(embedder, split, batch_size=batch_size, device=device, progress=progress, pooled=True)
+    return torch.from_numpy(features)
 
 
 def principal_projection(features: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,7 +69,10 @@ class ModelSelection:
     def restore(self, model: Any) -> None:
         """Load the best embedder's weights into ``model.embedder`` (the exported model is the selected one)."""
         model.embedder.load_state_dict(load_file(self.directory / "model.safetensors"), strict=True)
-        logger.info("restored the model of step %s (%s %.4f)", self.best["step"], self.metric, self.best[self.metric])
+        if self.best is not None:  # known on the main process, which evaluated the candidates
+            logger.info(
+                "restored the model of step %s (%s %.4f)", self.best["step"], self.metric, self.best[self.metric]
+            )
 
 
 def _key(metrics: dict[str, Any], metric: str) -> tuple[float, float]:

@@ -77,9 +77,7 @@ class CrossMetricTrainer:
         self.test_evaluator = Evaluator.from_dataset(self.dataset, "test", **evaluation)
         self.selection_evaluator = None
         if self.selection_split is not None:
-            self.selection_evaluator = Evaluator.from_dataset(
-                self.dataset, self.selection_split, primary_metric=config.selection_metric, **evaluation
-            )
+            self.selection_evaluator = Evaluator.from_dataset(self.dataset, self.selection_split, **evaluation)
         self.selection = ModelSelection(self.run_directory, config.selection_metric)
         self.model = model if model is not None else self._build_model()
         if config.embedding_init == "pca" and model is None and not config.resume_from_checkpoint:
@@ -197,8 +195,8 @@ class CrossMetricTrainer:
             self._select()
         self._save_checkpoint()
         accelerator.wait_for_everyone()
-        if self.selection.best is not None:  # every process continues with the selected weights
-            self.selection.restore(accelerator.unwrap_model(self.model))
+        if self.selection_evaluator is not None:  # every process continues with the selected weights (from disk:
+            self.selection.restore(accelerator.unwrap_model(self.model))  # only the main process knows which)
         metrics = self._evaluate(self.test_evaluator, record="final")
         if c.report_to != "none":
             accelerator.end_training()
