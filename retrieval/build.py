@@ -46,6 +46,7 @@ def build_index_distributed(
     """
     from accelerate import Accelerator
 
+    owns_accelerator = accelerator is None
     accelerator = accelerator or Accelerator()
     output = Path(output_dir)
     embed_options, index_options = split_options(options)
@@ -59,4 +60,6 @@ def build_index_distributed(
         index.save(output)
         logger.info("Saved %s (%d of %d images) to %s", index, len(index), total, output)
     accelerator.wait_for_everyone()
+    if owns_accelerator:  # leave the process group: gloo's threads abort the interpreter at exit otherwise
+        accelerator.end_training()
     return index

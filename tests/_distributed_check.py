@@ -46,5 +46,8 @@ mean_loss = accelerator.reduce(loss.detach(), reduction="mean")
 grad_error = (local.grad / world - whole.grad[rank * 8 : (rank + 1) * 8]).abs().max().item()
 result = {"rank": rank, "expected": expected.item(), "gathered_mean": mean_loss.item(), "grad_error": grad_error}
 print(json.dumps(result), flush=True)
+# leave the process group before the interpreter exits: gloo's threads abort the process otherwise (seen in CI)
+accelerator.wait_for_everyone()
+accelerator.end_training()
 if abs(result["expected"] - result["gathered_mean"]) > 1e-5 or grad_error > 1e-6:
     sys.exit(1)

@@ -300,6 +300,7 @@ def test_two_process_build_equals_the_single_process_build(tmp_path: Path) -> No
             role = "main" if index is not None else "worker"
             with open(f"result-{state.process_index}.txt", "w") as handle:  # not stdout: the processes share it
                 handle.write(f"{role} {state.distributed_type} {state.backend} {state.num_processes}")
+            accelerator.end_training()
             """
         )
     )
