@@ -75,6 +75,7 @@ def main(argv: Sequence[str]) -> int:
             )
         print(f"exported to {result.export_directory}" if result.export_directory else "")
     trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # leave the process group: gloo threads abort the interpreter at exit otherwise
     return 0
 
 

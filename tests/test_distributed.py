@@ -78,6 +78,8 @@ def test_two_process_training_run_saves_a_checkpoint(tmp_path) -> None:
         "False",
         "--eval_every_epochs",
         "0",
+        "--report_to",  # trackers finish inside train(); the process group must outlive them (the CLI ends it)
+        "tensorboard",
     ]
     result = accelerate_launch(args)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -85,6 +87,7 @@ def test_two_process_training_run_saves_a_checkpoint(tmp_path) -> None:
     assert [c.name for c in checkpoints] == ["checkpoint-1", "checkpoint-2"]
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
     assert state["num_processes"] == 2 and state["global_step"] == 2
+    assert list((tmp_path / "out" / "run").rglob("events.out.tfevents.*"))
 
 
 @pytest.mark.slow

@@ -198,8 +198,8 @@ class CrossMetricTrainer:
         if self.selection_evaluator is not None:  # every process continues with the selected weights (from disk:
             self.selection.restore(accelerator.unwrap_model(self.model))  # only the main process knows which)
         metrics = self._evaluate(self.test_evaluator, record="final")
-        if c.report_to != "none":
-            accelerator.end_training()
+        for tracker in accelerator.trackers:  # not end_training(): the caller may still need the process group
+            tracker.finish()
         median_step = statistics.median(self.step_seconds) if self.step_seconds else None
         return TrainingResult(
             self.run_directory, self.global_step, metrics, self.selection.best, self.history, train_seconds, None,
