@@ -51,16 +51,19 @@ def naive_pair_similarities(
 
 @pytest.mark.parametrize("levels", [1, 2, 3])
 @pytest.mark.parametrize("query", ["other", "self", "shuffled"])
-def test_batched_head_equals_per_pair_loop(levels: int, query: str) -> None:
+@pytest.mark.parametrize("num_tokens", [7, 2])
+def test_batched_head_equals_per_pair_loop(levels: int, query: str, num_tokens: int) -> None:
+    """With 7 tokens the projections are applied per pair; with 2 they are folded into each image's keys/values."""
     head = CrossImageAttentionHead(
         embedding_dim=12, token_dim=10, width=16, num_levels=levels, num_heads=4, query=query
     )
+    assert head.levels[0].folds_projections(num_tokens) == (num_tokens == 2)
     head.reset_parameters()
     for parameter in head.parameters():  # break the symmetric init so every term matters
         parameter.data.add_(0.1 * torch.randn_like(parameter))
     head.eval()
     embeddings = F.normalize(torch.randn(5, 12), dim=-1)
-    tokens = torch.randn(5, 7, 10)
+    tokens = torch.randn(5, num_tokens, 10)
     partners = random_third_images(5)
     output = head(embeddings, tokens, output_attentions=True, partners=partners)
     expected_sims, expected_attn = naive_pair_similarities(head, embeddings, tokens, partners)
@@ -68,7 +71,7 @@ def test_batched_head_equals_per_pair_loop(levels: int, query: str) -> None:
     for got, want in zip(output.similarities, expected_sims):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for got, want in zip(output.attentions, expected_attn):
-        assert got.shape == (5, 5, 4, 7)
+        assert got.shape == (5, 5, 4, num_tokens)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
