@@ -37,6 +37,9 @@ ROWS: dict[str, dict[str, Any]] = {
     "cia_lambda_0.5": {"cia_loss_weight": 0.5},
     "cia_lambda_2": {"cia_loss_weight": 2.0},
     "cia_last_level_only": {"cia_level_weights": [0.0, 1.0]},
+    # the head's token stage (the recipe's is stride 16: 4×4 at 64 px): stride 8 (8×8) and the last map (2×2)
+    "cia_token_stride_8": {"cia_token_stride": 8},
+    "cia_token_stride_last": {"cia_token_stride": 0},
 }
 CONTROLS = ("cia_query_self", "cia_query_shuffled")  # conditioning is shown only where CIA beats both (§4)
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi")
@@ -149,17 +152,18 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append("Paired per-seed differences (points), mean ± standard error:")
     lines.append("")
     lines.append(
-        "| row | metric | vs zero-shot | per seed | vs baseline | per seed |\n| --- | --- | --- | --- | --- | --- |"
+        "| row | metric | vs zero-shot | per seed | vs baseline | per seed | vs cia | per seed |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     for row, data in results["rows"].items():
         for metric in ("recall@1", "map@r"):
             cells = []
-            for versus in ("zero_shot", "baseline"):
-                diff = data["paired"][versus][metric]
-                cells += [
+            for versus in ("zero_shot", "baseline", "cia"):
+                diff = data["paired"].get(versus, {}).get(metric)
+                cells += ["–", "–"] if diff is None else [
                     f"{diff['mean'] * 100:+.2f} ± {diff['standard_error'] * 100:.2f}",
                     ", ".join(f"{d * 100:+.1f}" for d in diff["differences"]),
-                ]
+                ]  # fmt: skip
             lines.append(f"| {row} | {metric} | " + " | ".join(cells) + " |")
     controls = results["rows"]["cia"]["paired"].get("controls", {})
     if controls:
@@ -221,6 +225,11 @@ def main() -> int:
             for versus, reference in (("zero_shot", zero_shot), ("baseline", rows["baseline"]))
         }
         rows[row]["selected_steps"] = [summaries[(row, seed)]["best"]["step"] for seed in args.seeds]
+    for row in args.rows:  # every head variant against the recipe's head, seed by seed
+        if row not in ("baseline", "cia"):
+            rows[row]["paired"]["cia"] = {
+                m: paired(rows[row][m]["values"], rows["cia"][m]["values"]) for m in ("recall@1", "map@r")
+            }
     rows["cia"]["paired"]["controls"] = {
         control: {m: paired(rows["cia"][m]["values"], rows[control][m]["values"]) for m in ("recall@1", "map@r")}
         for control in CONTROLS
