@@ -16,7 +16,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export the embedding-only model (no head weights) of a training run or checkpoint, with its "
         "preprocessing config and model card.",
     )
-    parser.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint) or a checkpoint")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run folder (the model it selected on validation; else its latest checkpoint) or one checkpoint folder",
+    )
     parser.add_argument(
         "--output_dir", required=True, help="the folder to write the exported model to (replaced as a whole)"
     )

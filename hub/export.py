@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,13 +11,18 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from ..model_cards.model_card import CrossMetricModelCardData, render_model_card, write_model_card
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, save_embedder
+from ..training.checkpointing import read_state
 from ..training.config import TrainingConfig
+from ..training.model_selection import BEST_FOLDER
 from ..training.pretrained import WEIGHT_SOURCES
 from .model_loading import find_training_checkpoint, load_training_checkpoint
 from .sentence_transformers_files import sentence_transformers_files
+
+logger = logging.getLogger(__name__)
 
 
 def card_data_for_run(
@@ -104,12 +110,15 @@ def export_run(
 def export_checkpoint(
     run_or_checkpoint: str | os.PathLike, output_dir: str | os.PathLike, onnx: bool = False, onnx_recall: str = "auto"
 ) -> Path:
-    """Export the embedder of a training checkpoint (a run folder's latest, or one checkpoint folder).
+    """Export the embedder of a training run (the model it selected) or of one checkpoint folder (that step's).
 
-    The model is rebuilt and loaded strictly by :func:`~crossmetric.hub.model_loading.load_training_checkpoint`
-    (the same loading as ``crossmetric evaluate --checkpoint``, with the run's head fields); the card's training
-    table and metrics come from the run's ``log.jsonl``. ``onnx`` also writes and checks ``onnx/`` (see
-    :func:`.onnx_export.export_onnx_for_run`), and the card says so.
+    A run folder exports the embedder the run selected on its validation split (``RUN/best``, the one its own
+    export holds), not its latest checkpoint, which may be worse; a run without a selection exports its latest
+    checkpoint. The model is rebuilt and loaded strictly by
+    :func:`~crossmetric.hub.model_loading.load_training_checkpoint` (the same loading as ``crossmetric evaluate
+    --checkpoint``, with the run's head fields); the card's training table and metrics come from the run's
+    ``log.jsonl``. ``onnx`` also writes and checks ``onnx/`` (see :func:`.onnx_export.export_onnx_for_run`), and the
+    card says so.
     """
     if onnx:
         from .onnx_export import require_onnx
@@ -118,15 +127,22 @@ def export_checkpoint(
     checkpoint, config_path = find_training_checkpoint(run_or_checkpoint)
     model = load_training_checkpoint(checkpoint)
     config = TrainingConfig.from_yaml(config_path)
+    run_folder = next((f for f in (checkpoint, *checkpoint.parents) if (f / "log.jsonl").is_file()), None)
     history = []
-    log = config_path.parent / "log.jsonl"
-    if log.exists():
-        history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    evals = [r["eval"] for r in history if "eval" in r]
-    data = card_data_for_run(config, model.config, history, evals[-1] if evals else None)
+    if run_folder is not None:
+        history = [json.loads(line) for line in (run_folder / "log.jsonl").read_text().splitlines() if line.strip()]
+    step = read_state(checkpoint)["global_step"]
+    evals = [{**r["eval"], "step": r["step"]} for r in history if "eval" in r and r.get("step", 0) <= step]
+    metrics = evals[-1] if evals else None
+    selected = Path(run_or_checkpoint) / BEST_FOLDER / "model.safetensors"
+    if checkpoint != Path(run_or_checkpoint) and selected.is_file():  # a run folder that selected a model
+        model.embedder.load_state_dict(load_file(selected), strict=True)
+        metrics = read_state(checkpoint).get("best_metrics") or metrics
+        logger.info("exporting the model the run selected (step %s), not its latest checkpoint", metrics.get("step"))
+    data = card_data_for_run(config, model.config, history, metrics)
     extra = {"README.md": str(render_model_card(data)), **sentence_transformers_files()}
-    if evals:
-        extra["metrics.json"] = json.dumps(evals[-1], indent=2)
+    if metrics:
+        extra["metrics.json"] = json.dumps(metrics, indent=2)
     directory = save_embedder(model.embedder, output_dir, extra_files=extra)
     if onnx:
         from .onnx_export import export_onnx_for_run

@@ -78,6 +78,17 @@ def test_the_starting_model_is_kept_when_training_only_hurts(shapes, tmp_path) -
     exported = CrossMetricModel.from_pretrained(export).state_dict()
     assert all(torch.equal(exported[k], start[k]) for k in start)  # the exported model is the starting model
     assert result.metrics == pytest.approx(result.zero_shot)  # and its test metrics are the zero-shot ones
+    # `crossmetric export --checkpoint RUN` exports the selected model too; a checkpoint folder exports its own step
+    from crossmetric.cli.main import main
+
+    run, latest = tmp_path / "run", sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))[-1]
+    assert main(["export", "--checkpoint", str(run), "--output_dir", str(tmp_path / "from_run")]) == 0
+    assert main(["export", "--checkpoint", str(latest), "--output_dir", str(tmp_path / "from_latest")]) == 0
+    from_run = CrossMetricModel.from_pretrained(tmp_path / "from_run").state_dict()
+    from_latest = CrossMetricModel.from_pretrained(tmp_path / "from_latest").state_dict()
+    assert all(torch.equal(from_run[k], start[k]) for k in start)
+    assert not all(torch.equal(from_latest[k], start[k]) for k in start)
+    assert json.loads((tmp_path / "from_run" / "metrics.json").read_text())["step"] == 0
 
 
 def test_recipe_sizes_p_k_from_small_data_and_keeps_explicit_values() -> None:
