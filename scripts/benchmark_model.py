@@ -28,17 +28,24 @@ Other processes share the CPU, so measurements are interleaved (A B A B ..., one
 rounds), and the report gives medians, the ratio of medians and the median of per-round ratios. ``OMP_WAIT_POLICY``
 defaults to ``PASSIVE`` here: with OpenMP's default spin-waiting, two threads on two cores that other processes also
 use wait for each other's descheduled thread (measured: a Lite0 forward of 8 images at 224 px took 2.5-5.4 s with 2
-spinning threads, 1.0 s with 1 thread, 1.1 s with 2 passive threads, at load average 7 on 2 cores).
+spinning threads, 1.0 s with 1 thread, 1.1 s with 2 passive threads, at load average 7 on 2 cores). Passive waiting
+costs every small parallel op a thread wake-up, though, so on a quiet machine ``OMP_WAIT_POLICY=default`` measures
+what ``crossmetric train`` runs with (OpenMP's own policy): a step of 0.49-0.52 s instead of 0.62 s here, and a head
+share of 0.088-0.091 instead of 0.099 (``scripts/benchmark_results/main_job_cpu/head_cost*.json``).
 
     python scripts/benchmark_model.py                 # 2 threads; writes outputs/benchmarks/model_cost.json
     python scripts/benchmark_model.py --threads 1 --rounds 21
+    OMP_WAIT_POLICY=default python scripts/benchmark_model.py --rounds 25   # quiet machine: training's policy
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP; see the docstring
+if os.environ.get("OMP_WAIT_POLICY", "").lower() == "default":  # OpenMP's own policy, as `crossmetric train` runs
+    del os.environ["OMP_WAIT_POLICY"]
+else:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP; see the docstring
 
 import argparse  # noqa: E402
 import json  # noqa: E402
