@@ -62,6 +62,24 @@ def test_head_off_is_the_baseline_on_the_same_code_path(shapes, tmp_path) -> Non
     assert result.export_directory is None
 
 
+def test_compiled_head_trains_like_the_eager_head_with_the_same_checkpoint_keys(shapes, tmp_path) -> None:
+    """``compile_head`` (torch.compile, in place) changes speed, not the run: same losses, same weights' names."""
+    logs, keys = [], []
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        trainer = CrossMetricTrainer(tiny_config(shapes, out, num_epochs=1, export=False, compile_head=compiled))
+        trainer.train()
+        assert (trainer.model.head._compiled_call_impl is not None) == compiled  # nn.Module.compile's wrapper
+        log = [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
+        logs.append([r["level_losses"] for r in log if "loss" in r])
+        with safe_open(trainer.checkpoints[-1] / "model.safetensors", "pt") as weights:
+            keys.append(sorted(weights.keys()))
+    assert keys[0] == keys[1] and any(k.startswith("head.levels.0.") for k in keys[1])
+    assert len(logs[0]) == len(logs[1]) > 1
+    for eager, compiled in zip(logs[0], logs[1]):
+        assert compiled == pytest.approx(eager, rel=1e-3, abs=1e-4)
+
+
 def test_bad_configuration_is_refused_before_any_work(shapes, tmp_path) -> None:
     with pytest.raises(ValueError, match="batch_size=10 is not P x K"):
         CrossMetricTrainer(tiny_config(shapes, tmp_path, batch_size=10, samples_per_class=4))

@@ -128,6 +128,10 @@ class TrainingConfig:
     max_grad_norm: float | None = field(default=5.0, metadata={"help": "gradient clipping; none to disable"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
     mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16"})
+    compile_head: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the head (in place; same weights and checkpoints): for long GPU runs"},
+    )
     freeze_batchnorm: bool | None = field(
         default=None, metadata={"help": "BatchNorm statistics and affine frozen (default: when starting pretrained)"}
     )

