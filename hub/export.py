@@ -131,14 +131,16 @@ def export_checkpoint(
     history = []
     if run_folder is not None:
         history = [json.loads(line) for line in (run_folder / "log.jsonl").read_text().splitlines() if line.strip()]
-    step = read_state(checkpoint)["global_step"]
-    evals = [{**r["eval"], "step": r["step"]} for r in history if "eval" in r and r.get("step", 0) <= step]
+    state = read_state(checkpoint)
+    evals = [
+        {**r["eval"], "step": r["step"]} for r in history if "eval" in r and r.get("step", 0) <= state["global_step"]
+    ]
     metrics = evals[-1] if evals else None
     selected = Path(run_or_checkpoint) / BEST_FOLDER / "model.safetensors"
     if checkpoint != Path(run_or_checkpoint) and selected.is_file():  # a run folder that selected a model
         model.embedder.load_state_dict(load_file(selected), strict=True)
-        metrics = read_state(checkpoint).get("best_metrics") or metrics
-        logger.info("exporting the model the run selected (step %s), not its latest checkpoint", metrics.get("step"))
+        metrics = state.get("best_metrics") or metrics
+        logger.info("exporting the model the run selected, not its latest checkpoint: %s", metrics)
     data = card_data_for_run(config, model.config, history, metrics)
     extra = {"README.md": str(render_model_card(data)), **sentence_transformers_files()}
     if metrics:

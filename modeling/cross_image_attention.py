@@ -105,8 +105,9 @@ class CrossAttentionLevel(nn.Module):
         asker = per_image_query_asker
         if source.dim() == 3 and fold:  # B² pair queries: fold W_q into each image's keys instead of projecting them
             weight = self.query.weight.view(self.num_heads, self.head_dim, -1)  # (heads, head_dim, d)
-            folded_keys = torch.einsum("ithc,hcd->idht", keys * scale, weight)  # B×d×heads×T, once per image
-            key_bias = torch.einsum("ithc,hc->iht", keys * scale, self.query.bias.view(self.num_heads, -1))
+            scaled_keys = keys * scale
+            folded_keys = torch.einsum("ithc,hcd->idht", scaled_keys, weight)  # B×d×heads×T, once per image
+            key_bias = torch.einsum("ithc,hc->iht", scaled_keys, self.query.bias.view(self.num_heads, -1))
             logits = torch.baddbmm(key_bias.flatten(1)[:, None], source, folded_keys.flatten(2))
             logits = logits.view(batch, batch, self.num_heads, num_tokens)
         elif source.dim() == 3:

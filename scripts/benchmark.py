@@ -87,6 +87,11 @@ def train(row: str, seed: int, args: argparse.Namespace, extra: list[str]) -> di
     return summary
 
 
+def paired_metrics(row: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """:func:`paired` of Recall@1 and MAP@R: a row's per-seed values against a reference row's (or floor's)."""
+    return {m: paired(row[m]["values"], reference[m]["values"]) for m in ("recall@1", "map@r")}
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -221,19 +226,15 @@ def main() -> int:
                  for m in METRICS}  # fmt: skip
     for row in args.rows:
         rows[row]["paired"] = {
-            versus: {m: paired(rows[row][m]["values"], reference[m]["values"]) for m in ("recall@1", "map@r")}
+            versus: paired_metrics(rows[row], reference)
             for versus, reference in (("zero_shot", zero_shot), ("baseline", rows["baseline"]))
         }
         rows[row]["selected_steps"] = [summaries[(row, seed)]["best"]["step"] for seed in args.seeds]
     for row in args.rows:  # every head variant against the recipe's head, seed by seed
         if row not in ("baseline", "cia"):
-            rows[row]["paired"]["cia"] = {
-                m: paired(rows[row][m]["values"], rows["cia"][m]["values"]) for m in ("recall@1", "map@r")
-            }
+            rows[row]["paired"]["cia"] = paired_metrics(rows[row], rows["cia"])
     rows["cia"]["paired"]["controls"] = {
-        control: {m: paired(rows["cia"][m]["values"], rows[control][m]["values"]) for m in ("recall@1", "map@r")}
-        for control in CONTROLS
-        if control in rows
+        control: paired_metrics(rows["cia"], rows[control]) for control in CONTROLS if control in rows
     }
     runs = args.output_dir / "runs"
     inference = inference_ratio(
