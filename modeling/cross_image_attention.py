@@ -13,9 +13,9 @@ B² pair queries go through attention and the MLP (B²·T·d + B²·d²). Tokens
 projection; level 1's queries are per image, since z⁰ does not depend on the partner yet. On small token grids the
 query and output projections are folded into each image's keys and values (B²·heads·T·d instead of B²·d² per
 projection; see :meth:`CrossAttentionLevel.folds_projections`): at the default recipe (4×4 tokens, 4 heads,
-d = 128) that cut the head's CPU time by 12–18 % at 2 threads. ``scaled_dot_product_attention`` is not used: the
-folded path needs the attention weights themselves, and the attention products are a few per cent of the head here
-(the pair MLP is most of it).
+d = 128) that cut the head's CPU time by 8–12 % (quiet machine, 1 or 2 threads). ``scaled_dot_product_attention``
+is not used: the folded path needs the attention weights themselves, and the attention products are a few per cent
+of the head here (the pair MLP is most of it).
 """
 
 from __future__ import annotations
