@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 _LAZY_EXPORTS: dict[str, str] = {
     "retrieval_metrics": ".evaluation.metrics",
     "query_gallery_metrics": ".evaluation.metrics",
-    "ClassBalancedBatchSampler": ".training.data.sampler",
-    "load_dml_dataset": ".training.data.dml_dataset",
+    "ClassBalancedBatchSampler": ".data.sampler",
+    "load_dml_dataset": ".data.dml_dataset",
     "EmbeddingIndex": ".retrieval.index",
     "ImageRetrievalPipeline": ".retrieval.pipeline",
     "TrainingConfig": ".training.config",
@@ -61,5 +61,5 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .data.sampler import ClassBalancedBatchSampler  # noqa: F401
     from .evaluation.metrics import query_gallery_metrics, retrieval_metrics  # noqa: F401
-    from .training.data.sampler import ClassBalancedBatchSampler  # noqa: F401

@@ -102,7 +102,7 @@ def _default_output_dir(ns: argparse.Namespace) -> Path:
 def prepare(ns: argparse.Namespace) -> EvaluationPlan:
     """Check every argument and load the dataset and models; raise ``ValueError``/``FileNotFoundError`` on a
     mistake, before anything is embedded or written."""
-    from ..training.data.dml_dataset import load_dml_dataset, resolve_dataset_name
+    from ..data.dml_dataset import load_dml_dataset, resolve_dataset_name
 
     for name in ("batch_size", "num_queries", "top_k"):
         if getattr(ns, name) < 1:

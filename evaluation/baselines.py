@@ -69,7 +69,7 @@ def zero_shot_features(
 ) -> Features:
     """Features of the untrained backbone of ``embedder``'s architecture with the ``source`` weights: pooled (before
     the embedding layer, which training created) and L2-normalised. Raises when the weights cannot be loaded."""
-    from ..training.data.dml_dataset import label_array
+    from ..data.dml_dataset import label_array
     from ..training.embedding_init import pooled_features
     from ..training.pretrained import load_pretrained_backbone
 

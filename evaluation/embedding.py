@@ -1,7 +1,7 @@
 """Batched embedding of images (paths, PIL images, bytes, a ``datasets.Dataset``) with an exported embedder.
 
 :func:`embed_images` runs the model in eval mode under ``torch.no_grad`` batch by batch, with a tqdm progress
-bar, decoding every image through :func:`~crossmetric.training.data.image_loading.load_rgb_image`: a file that
+bar, decoding every image through :func:`~crossmetric.data.image_loading.load_rgb_image`: a file that
 cannot be decoded is skipped with a warning and counted instead of stopping the run, and the result says
 which inputs were kept (``kept``), so that ids, labels and paths stay aligned with the embeddings.
 
@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..training.data.image_loading import SkippedImages, load_rgb_image
+from ..data.image_loading import SkippedImages, load_rgb_image
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data.transforms import attach_transform, build_transform, collate_fn
 from ..modeling.modeling_crossmetric import CrossMetricModel
-from ..training.data.transforms import attach_transform, build_transform, collate_fn
-from ..training.fault_points import fault_point
+from ..utils.fault_points import fault_point
 from .metrics import retrieval_metrics
 
 
@@ -162,7 +162,7 @@ def raw_pixel_features(split: Any, size: int = 64) -> tuple[np.ndarray, np.ndarr
     (a plain background counts as nothing, whatever its colour), L2-normalised."""
     from PIL import Image
 
-    from ..training.data.image_loading import SkippedImages, load_rgb_image
+    from ..data.image_loading import SkippedImages, load_rgb_image
 
     raw = split.cast_column("image", type(split.features["image"])(decode=False))
     rows, skipped = [], SkippedImages()

@@ -77,8 +77,8 @@ def draw_attention_maps(
     """Attention maps of seeded positive and negative pairs of the evaluated images, from the training model's head."""
     from datasets import Image as ImageFeature
 
-    from ..training.data.image_loading import SkippedImages, load_rgb_image
-    from ..training.data.transforms import build_transform
+    from ..data.image_loading import SkippedImages, load_rgb_image
+    from ..data.transforms import build_transform
     from .attention_maps import pair_attention, plot_attention_maps, select_pairs, unnormalise
 
     pool = evaluator.gallery if evaluator.gallery is not None else evaluator.queries

@@ -19,7 +19,7 @@ from datasets import Image as ImageFeature
 from matplotlib.figure import Figure
 from PIL import Image
 
-from ..training.data.image_loading import SkippedImages, load_rgb_image
+from ..data.image_loading import SkippedImages, load_rgb_image
 from .metrics import query_gallery_metrics, retrieval_metrics
 from .nearest_neighbors import iter_knn
 

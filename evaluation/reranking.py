@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data.transforms import attach_transform, build_transform, collate_fn
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning
-from ..training.data.transforms import attach_transform, build_transform, collate_fn
 from .reports import nearest_neighbours
 
 

@@ -149,8 +149,8 @@ def split_recall_at_1(
     querying all others, with the evaluation preprocessing (resize, centre crop) the trainer uses."""
     from torch.utils.data import DataLoader
 
+    from ..data.transforms import attach_transform, build_transform, collate_fn
     from ..evaluation.metrics import retrieval_metrics
-    from ..training.data.transforms import attach_transform, build_transform, collate_fn
 
     sessions = {name: session(path) for name, path in paths.items()}
     loader = DataLoader(
@@ -255,8 +255,8 @@ def export_onnx_for_run(
     of fp32 and 8-bit on the whole split, ``"off"`` skips it, ``"auto"`` measures it for the glyph benchmark only
     (12,000 images: about a minute on a CPU), where the card's Recall@1 comes from.
     """
-    from ..training.data.dml_dataset import load_dml_dataset
-    from ..training.data.transforms import attach_transform, build_transform, collate_fn
+    from ..data.dml_dataset import load_dml_dataset
+    from ..data.transforms import attach_transform, build_transform, collate_fn
 
     if recall not in ("auto", "on", "off"):
         raise ValueError(f"--onnx_recall must be auto, on or off, got {recall!r}.")

@@ -156,7 +156,7 @@ class ImageRetrievalPipeline(Pipeline):
     def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, torch.Tensor]:
         from transformers.image_utils import load_image
 
-        from ..training.data.image_loading import describe_source, load_rgb_image
+        from ..data.image_loading import describe_source, load_rgb_image
 
         if isinstance(image, str) and image.startswith(("http://", "https://")):
             decoded = load_image(image, timeout=timeout).convert("RGB")

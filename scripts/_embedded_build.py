@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from crossmetric.training.data.embedded import sha256_file
+from crossmetric.data.embedded import sha256_file
 
 
 def base_parser(doc: str, out: Path, num_classes: int, num_classes_help: str, packages: str) -> argparse.ArgumentParser:

@@ -105,8 +105,8 @@ def paired(values: list[float], reference: list[float]) -> dict[str, Any]:
 
 def raw_pixel_metrics(dataset: str, data_dir: str | None) -> dict[str, float]:
     """The raw-pixel floor on the test split (64×64 RGB, centred, L2-normalised; seed-independent)."""
+    from crossmetric.data.dml_dataset import load_dml_dataset
     from crossmetric.evaluation.evaluator import Evaluator, raw_pixel_features
-    from crossmetric.training.data.dml_dataset import load_dml_dataset
 
     data = load_dml_dataset(dataset, data_dir=data_dir)
     return Evaluator.from_dataset(data, "test").evaluate_features(raw_pixel_features)

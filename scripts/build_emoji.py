@@ -12,7 +12,7 @@ an independent check).
 Sources: the Iconify JSON packages of the npm registry (SVG bodies + license per set), pinned in
 ``PACKAGES`` below; each set's license is recorded in the manifest. No Apple, Facebook or Samsung art.
 
-What it writes (``training/data/emoji_data/`` by default, replaced atomically as a whole folder):
+What it writes (``data/emoji_data/`` by default, replaced atomically as a whole folder):
 
 - ``train.parquet`` and ``test.parquet``: columns ``image`` (``datasets.Image``: 80x80 RGB lossless WebP, the
   SVG's full view box rendered at 76x76 by resvg onto white and centred on a white 80x80 canvas),
@@ -42,7 +42,7 @@ Rebuild (~35 s on one core)::
     mkdir -p /tmp/emoji_npm && cd /tmp/emoji_npm && npm init -y >/dev/null
     npm install $(python /path/to/repo/scripts/build_emoji.py --print-packages)
     pip install resvg-py==0.5.0
-    python /path/to/repo/scripts/build_emoji.py --npm-dir /tmp/emoji_npm   # then commit training/data/emoji_data/
+    python /path/to/repo/scripts/build_emoji.py --npm-dir /tmp/emoji_npm   # then commit data/emoji_data/
 
 The output is deterministic for the pinned packages, resvg-py, Pillow and libwebp (sorted inputs, fixed
 seeds); the manifest records those versions.

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from crossmetric import CrossMetricModel
+from crossmetric.data.dml_dataset import load_dml_dataset
+from crossmetric.data.transforms import attach_transform, build_transform, collate_fn
 from crossmetric.evaluation.evaluator import Evaluator
 from crossmetric.hub.onnx_export import (
     CHECK_FILE,
@@ -32,8 +34,6 @@ from crossmetric.hub.onnx_export import (
     session,
     split_recall_at_1,
 )
-from crossmetric.training.data.dml_dataset import load_dml_dataset
-from crossmetric.training.data.transforms import attach_transform, build_transform, collate_fn
 
 
 def batch_of(split, preprocessing: dict, count: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ MIN_COSINE = 0.99
 
 def glyph_images(folder: Path, count: int) -> list[Path]:
     """The first ``count`` glyph test images, saved as PNG files for Node to read."""
-    from crossmetric.training.data.dml_dataset import load_dml_dataset
+    from crossmetric.data.dml_dataset import load_dml_dataset
 
     split = load_dml_dataset("glyphs")["test"]
     step = max(1, len(split) // count)

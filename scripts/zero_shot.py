@@ -1,6 +1,6 @@
 """Zero-shot retrieval on a benchmark's test split: raw pixels vs ImageNet features, before any training.
 
-Any name :func:`crossmetric.training.data.load_dml_dataset` accepts (``glyphs``, ``emoji``, a folder, ...), in
+Any name :func:`crossmetric.data.load_dml_dataset` accepts (``glyphs``, ``emoji``, a folder, ...), in
 colour, with crossmetric's own metrics (:func:`crossmetric.retrieval_metrics`: leave-one-out, cosine;
 Recall@1/2/4/8, MAP@R, R-precision).
 
@@ -120,7 +120,7 @@ def metrics(embeddings: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
 
 
 def zero_shot(dataset_name: str, split: str = "test", device: str = "cpu", check_imagenet: bool = False) -> dict:
-    from crossmetric.training.data.dml_dataset import load_dml_dataset
+    from crossmetric.data.dml_dataset import load_dml_dataset
 
     data = load_dml_dataset(dataset_name)[split]
     labels = np.asarray(data["label"])

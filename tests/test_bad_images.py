@@ -17,9 +17,9 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from crossmetric.training.data.image_loading import SkippedImages, filter_unreadable, load_rgb_image
-from crossmetric.training.data.sampler import ClassBalancedBatchSampler
-from crossmetric.training.data.transforms import attach_transform, build_transform, collate_fn
+from crossmetric.data.image_loading import SkippedImages, filter_unreadable, load_rgb_image
+from crossmetric.data.sampler import ClassBalancedBatchSampler
+from crossmetric.data.transforms import attach_transform, build_transform, collate_fn
 
 PREPROCESSING = {
     "image_size": 16,

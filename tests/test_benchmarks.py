@@ -12,7 +12,7 @@ from _fixtures import make_cars, make_cub, make_inshop, make_sop
 from datasets import ClassLabel
 from PIL import Image
 
-from crossmetric.training.data.benchmarks import (
+from crossmetric.data.benchmarks import (
     benchmark_name,
     load_benchmark,
     load_cars196,
@@ -20,7 +20,7 @@ from crossmetric.training.data.benchmarks import (
     load_inshop,
     load_sop,
 )
-from crossmetric.training.data.dml_dataset import load_dml_dataset
+from crossmetric.data.dml_dataset import load_dml_dataset
 
 
 def classes(split) -> set[int]:

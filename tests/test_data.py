@@ -17,7 +17,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from crossmetric import load_dml_dataset
-from crossmetric.training.data.dml_dataset import describe_dataset, resolve_dataset_name
+from crossmetric.data.dml_dataset import describe_dataset, resolve_dataset_name
 
 
 def classes(split) -> set[int]:
@@ -145,9 +145,9 @@ def test_degenerate_datasets_raise_or_warn(caplog):
 
 def test_glyphs_are_loaded_lazily(monkeypatch):
     ds = Dataset.from_dict({"image": [pil(i) for i in range(8)], "label": [0, 0, 1, 1, 2, 2, 3, 3]})
-    fake = types.ModuleType("crossmetric.training.data.embedded")
+    fake = types.ModuleType("crossmetric.data.embedded")
     fake.load_embedded = lambda name: DatasetDict(train=ds.select(range(4)), test=ds.select(range(4, 8)))
-    monkeypatch.setitem(sys.modules, "crossmetric.training.data.embedded", fake)
+    monkeypatch.setitem(sys.modules, "crossmetric.data.embedded", fake)
     dd = load_dml_dataset("glyphs")
     assert (len(dd["train"]), len(dd["test"])) == (4, 4)
 

@@ -13,7 +13,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from crossmetric.training.data.embedded import EMOJI_DIR, EmbeddedDataError, load_embedded, verify_embedded  # noqa: E402
+from crossmetric.data.embedded import EMOJI_DIR, EmbeddedDataError, load_embedded, verify_embedded  # noqa: E402
 
 MIN_PER_CLASS, MAX_PER_CLASS = 3, 10
 OPEN_LICENSES = {"Apache-2.0", "MIT", "CC-BY-4.0", "CC-BY-SA-4.0"}
@@ -71,7 +71,7 @@ def test_every_design_has_an_open_license(manifest):
 
 
 def test_load_dml_dataset_emoji(emoji):
-    from crossmetric.training.data.dml_dataset import load_dml_dataset
+    from crossmetric.data.dml_dataset import load_dml_dataset
 
     dd = load_dml_dataset("emoji")
     assert set(dd) == {"train", "test"}

@@ -17,11 +17,11 @@ import yaml
 from _training_fixtures import TINY_MODEL, make_shapes_folder, one_thread_fixture
 
 from crossmetric.cli.main import main
+from crossmetric.data.dml_dataset import label_array, load_dml_dataset
 from crossmetric.evaluation.evaluator import Evaluator, raw_pixel_features
 from crossmetric.modeling.configuration_crossmetric import CrossMetricConfig
 from crossmetric.modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel
 from crossmetric.training.config import TrainingConfig
-from crossmetric.training.data.dml_dataset import label_array, load_dml_dataset
 from crossmetric.training.embedding_init import pooled_features
 from crossmetric.training.pretrained import WEIGHT_SOURCES, load_pretrained_backbone
 

@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from crossmetric.cli.main import main
+from crossmetric.data.dml_dataset import load_dml_dataset
 from crossmetric.evaluation.attention_maps import pair_attention, select_pairs, token_grid, upsample_map
 from crossmetric.evaluation.evaluator import embed_split
 from crossmetric.evaluation.metrics import query_gallery_metrics, retrieval_metrics
@@ -30,7 +31,6 @@ from crossmetric.hub.model_loading import load_training_checkpoint, resolve_mode
 from crossmetric.modeling.configuration_crossmetric import CrossMetricConfig
 from crossmetric.modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel
 from crossmetric.training.config import TrainingConfig
-from crossmetric.training.data.dml_dataset import load_dml_dataset
 from crossmetric.training.trainer import CrossMetricTrainer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 """Faults, injected for real: SIGKILL at three points of a training run, an export killed half way, a Hub that
 fails or drops the connection, and a disk that fills up while a checkpoint is written.
 
-Pause points (``CROSSMETRIC_TEST_PAUSE``, see crossmetric/training/fault_points.py) make the kills land exactly
+Pause points (``CROSSMETRIC_TEST_PAUSE``, see crossmetric/utils/fault_points.py) make the kills land exactly
 where they should; the process is then killed with SIGKILL, which it cannot catch or clean up after.
 """
 
@@ -303,7 +303,7 @@ def test_disk_full_error_from_the_writer_is_reported_clearly(shapes, tmp_path, m
 def test_pause_points_pause_only_the_requested_occurrence(monkeypatch, capsys) -> None:
     from collections import Counter
 
-    from crossmetric.training import fault_points
+    from crossmetric.utils import fault_points
 
     monkeypatch.setattr(fault_points, "_reached", Counter())
     fault_points.fault_point("evaluation")  # no variable: nothing happens

@@ -14,7 +14,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from crossmetric.training.data.embedded import GLYPHS_DIR, GlyphsDataError, load_glyphs, verify_glyphs  # noqa: E402
+from crossmetric.data.embedded import GLYPHS_DIR, GlyphsDataError, load_glyphs, verify_glyphs  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

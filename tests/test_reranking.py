@@ -12,10 +12,10 @@ import torch
 from _training_fixtures import make_shapes_folder
 
 from crossmetric.cli.main import main
+from crossmetric.data.dml_dataset import load_dml_dataset
 from crossmetric.evaluation.reranking import head_inputs
 from crossmetric.hub.model_loading import load_training_checkpoint
 from crossmetric.training.config import TrainingConfig
-from crossmetric.training.data.dml_dataset import load_dml_dataset
 from crossmetric.training.trainer import CrossMetricTrainer
 
 TINY = dict(backbone="test_resnet", embedding_dim=16, cia_dim=16, cia_heads=2, pretrained="none", image_size=64)

@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_FOLDERS = ("modeling", "training", "evaluation", "retrieval", "hub", "cli", "utils", "model_cards")
+PACKAGE_FOLDERS = ("modeling", "utils", "data", "training", "evaluation", "retrieval", "hub", "cli", "model_cards")
 
 
 def package_modules() -> dict[str, Path]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from safetensors.torch import load_file
 
-from .data.dml_dataset import carve_validation, label_array
+from ..data.dml_dataset import carve_validation, label_array
 
 logger = logging.getLogger(__name__)
 

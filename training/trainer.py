@@ -21,19 +21,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ..data.dml_dataset import label_array, load_dml_dataset
+from ..data.sampler import ClassBalancedBatchSampler
+from ..data.transforms import attach_transform, build_transform, collate_fn
 from ..evaluation.evaluator import DivergedModelError, Evaluator
 from ..modeling.configuration_crossmetric import HEAD_FIELDS
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning
 from ..utils.atomic_files import check_writable
 from ..utils.atomic_files import write_atomic as write_text_atomic
+from ..utils.fault_points import fault_point
 from .checkpointing import complete_checkpoints, load_checkpoint, read_state, resolve_checkpoint, write_checkpoint
 from .config import TrainingConfig
-from .data.dml_dataset import label_array, load_dml_dataset
-from .data.sampler import ClassBalancedBatchSampler
-from .data.transforms import attach_transform, build_transform, collate_fn
 from .distributed import all_gather_labels, all_gather_with_gradient
 from .embedding_init import initialize_embedding_from_features
-from .fault_points import fault_point
 from .model_selection import ModelSelection, add_validation_split
 from .optimization import batchnorm_layers, build_optimizer, freeze_batchnorm_parameters
 from .optimization import freeze_unreached_head_parameters as freeze_unreached_head

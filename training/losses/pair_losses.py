@@ -77,7 +77,7 @@ class MultiSimilarityLoss(PairLoss):
 
     Recommendations:
         - The default base and CIA pair loss of this package: strong on CUB200, Cars196 and SOP without tuning.
-        - Needs positives in every batch: use :class:`~crossmetric.training.data.sampler.ClassBalancedBatchSampler`
+        - Needs positives in every batch: use :class:`~crossmetric.data.sampler.ClassBalancedBatchSampler`
           (P×K, e.g. K = 2 to 4 images per class). An anchor without a positive adds 0 under mining.
         - Works on the head's conditional similarities as-is (they are cosines in [-1, 1]).
 
@@ -125,7 +125,7 @@ class ContrastiveLoss(PairLoss):
 
     Recommendations:
         - A simple, well-understood baseline; tune ``neg_margin`` (0.3 to 0.7) per dataset.
-        - Use the P×K :class:`~crossmetric.training.data.sampler.ClassBalancedBatchSampler` so that every batch has
+        - Use the P×K :class:`~crossmetric.data.sampler.ClassBalancedBatchSampler` so that every batch has
           positive pairs. Averaging over non-zero pairs only keeps the loss from vanishing once most pairs are easy.
         - The average is over the whole matrix, so with rows split across processes the per-process losses do not
           average to the single-process loss exactly (multi-similarity and circle loss, per-anchor means, do).
@@ -161,7 +161,7 @@ class CircleLoss(PairLoss):
 
     Recommendations:
         - An alternative to multi-similarity when pairs are imbalanced (few positives, many negatives); no mining.
-        - Use the P×K :class:`~crossmetric.training.data.sampler.ClassBalancedBatchSampler` (K >= 2); anchors without a
+        - Use the P×K :class:`~crossmetric.data.sampler.ClassBalancedBatchSampler` (K >= 2); anchors without a
           positive or without a negative are left out of the average.
     """
 

@@ -77,7 +77,7 @@ class ProxyAnchorLoss(ProxyLoss):
 
     Recommendations:
         - Fast convergence and strong results on CUB200, Cars196, SOP, In-Shop; no sampler needed (random batches
-          work), but the P×K :class:`~crossmetric.training.data.sampler.ClassBalancedBatchSampler` is fine too.
+          work), but the P×K :class:`~crossmetric.data.sampler.ClassBalancedBatchSampler` is fine too.
         - Give the proxies a much larger learning rate than the network (the paper: 100×; ``--loss_learning_rate``).
         - Proxies are initialised as in the paper (Kaiming normal, fan-out).
     """

@@ -6,7 +6,7 @@
   (Noto, Twemoji, OpenMoji, Fluent, EmojiOne, Firefox OS; licenses in its manifest), 80×80 RGB on white, built by
   ``scripts/build_emoji.py`` from npm packages.
 
-Each lives in ``training/data/<name>_data/`` (``train.parquet``, ``test.parquet``, ``manifest.json``). Train and test
+Each lives in ``data/<name>_data/`` (``train.parquet``, ``test.parquet``, ``manifest.json``). Train and test
 hold disjoint halves of the classes, as deep-metric-learning protocols ask. The manifest records the files' sha256
 hashes and counts, which :func:`verify_embedded` checks so that a truncated or hand-edited file fails loudly instead of
 silently shifting benchmark numbers.
@@ -34,9 +34,7 @@ _BUILD_HINTS = {
 def _fix(directory: Path) -> str:
     name = directory.name.removesuffix("_data")
     hint = _BUILD_HINTS.get(name, "its build script in scripts/")
-    return (
-        f"Restore the committed data with `git checkout -- training/data/{directory.name}` or rebuild it with {hint}."
-    )
+    return f"Restore the committed data with `git checkout -- data/{directory.name}` or rebuild it with {hint}."
 
 
 class EmbeddedDataError(RuntimeError):

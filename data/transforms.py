@@ -120,7 +120,7 @@ class _RobustTransform:
             if image is None:
                 raise ValueError(
                     f"Cannot decode image {describe_source(record)} ({skipped.reasons[0]}). Drop unreadable "
-                    "images before training with crossmetric.training.data.image_loading.filter_unreadable(dataset)."
+                    "images before training with crossmetric.data.image_loading.filter_unreadable(dataset)."
                 )
             pixel_values.append(self.transform(image))
         return {"pixel_values": pixel_values, "labels": [int(label) for label in batch[self.label_column]]}
