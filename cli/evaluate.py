@@ -31,7 +31,7 @@ import torch
 from ..evaluation.baselines import BASELINES
 from ..evaluation.evaluator import Embedded, Evaluator
 from ..evaluation.reranking import add_rerank_argument, rerank_metrics, rerank_source
-from ..hub.model_loading import load_embedder, load_training_checkpoint, resolve_model
+from ..inference.loading import load_embedder, load_training_checkpoint, resolve_model
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel
 from ..utils.atomic_files import write_atomic
 from .arguments import add_device_argument, add_progress_argument, parse_and_run, report_error

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..hub.model_loading import resolve_model
+from ..inference.loading import resolve_model
 from ..retrieval.storage import KINDS
 from .arguments import add_backend_argument, add_device_argument, add_progress_argument, report_error
 from .logging_setup import add_log_level_argument

@@ -10,8 +10,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..hub.model_loading import resolve_model
 from ..hub.push import DEFAULT_COMMIT_MESSAGE, HubPushError, push_to_hub_folder
+from ..inference.loading import resolve_model
 from .arguments import parse_and_run, report_error
 from .logging_setup import add_log_level_argument
 

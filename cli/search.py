@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..hub.model_loading import resolve_model
+from ..inference.loading import resolve_model
 from .arguments import add_backend_argument, add_device_argument, parse_and_run, report_error
 from .logging_setup import add_log_level_argument
 
@@ -35,9 +35,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def run_search(ns: argparse.Namespace) -> int:
     """Run ``crossmetric search``: the ``top_k`` nearest entries for each query image, as text or JSON lines."""
-    from transformers import pipeline
-
-    from ..retrieval.pipeline import TASK, register_retrieval_pipeline
+    from ..retrieval.search import search_images
 
     try:
         kind, model = resolve_model(ns.model)
@@ -50,15 +48,12 @@ def run_search(ns: argparse.Namespace) -> int:
         missing = [image for image in ns.images if not Path(image).is_file()]
         if missing:
             raise ValueError(f"query image(s) not found: {', '.join(missing)}.")
-        if ns.backend == "onnx":
-            from ..retrieval.onnx_search import search_with_onnx
+        device = ns.device
+        if device is None:
+            import torch
 
-            results = search_with_onnx(str(model), ns.index, list(ns.images), ns.top_k)
-        else:
-            register_retrieval_pipeline()
-            kwargs = {"index": ns.index} if ns.index else {}
-            retrieve = pipeline(TASK, model=str(model), top_k=ns.top_k, device=ns.device, **kwargs)
-            results = retrieve(list(ns.images))
+            device = "cuda" if torch.cuda.is_available() and ns.backend == "torch" else "cpu"
+        results = search_images(str(model), ns.index, list(ns.images), ns.top_k, backend=ns.backend, device=device)
     except (ValueError, FileNotFoundError, ImportError) as error:
         return report_error("search", error)
     for image, hits in zip(ns.images, results):

@@ -15,6 +15,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,24 @@ def describe_source(source: Any) -> str:
     if isinstance(source, (bytes, bytearray)):
         return "<image bytes>"
     return str(getattr(source, "filename", "") or getattr(source, "name", "") or type(source).__name__)
+
+
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """Image files under ``folder`` (recursively, hidden files and folders skipped), sorted by relative path.
+
+    An image file is one whose extension Pillow can open. Symlinked folders are not followed (no cycles).
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"images folder {str(root)!r} does not exist or is not a folder.")
+    extensions = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith(".") and Path(name).suffix.lower() in extensions:
+                found.append(Path(directory, name))
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
 def _open(source: Any) -> Image.Image:

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from ..modeling.modeling_crossmetric import CrossMetricModel
-from .evaluator import raw_pixel_features
+from .evaluator import embed_split, raw_pixel_features
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +31,18 @@ Features = Callable[[Any], tuple[np.ndarray, np.ndarray]]
 
 def _training_config_file(model: str) -> Path | None:
     """The ``training_config.yaml`` of a model argument (export, run, checkpoint or Hub id), or None."""
-    from ..hub.model_loading import find_training_checkpoint, resolve_model
+    from ..inference.loading import resolve_model
+    from ..inference.run_folder import TRAINING_CONFIG_FILE, find_training_checkpoint
 
     kind, where = resolve_model(model)
     if kind == "export":
-        return Path(where) / "training_config.yaml"
+        return Path(where) / TRAINING_CONFIG_FILE
     if kind == "checkpoint":
         return find_training_checkpoint(where)[1]
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(str(where), "training_config.yaml"))
+        return Path(hf_hub_download(str(where), TRAINING_CONFIG_FILE))
     except Exception:  # offline, or a repository without it: the caller says "unknown"
         return None
 
@@ -69,19 +70,15 @@ def zero_shot_features(
 ) -> Features:
     """Features of the untrained backbone of ``embedder``'s architecture with the ``source`` weights: pooled (before
     the embedding layer, which training created) and L2-normalised. Raises when the weights cannot be loaded."""
-    from ..data.dml_dataset import label_array
-    from ..training.embedding_init import pooled_features
-    from ..training.pretrained import load_pretrained_backbone
+    from ..inference.pretrained import load_pretrained_backbone
 
     fresh = CrossMetricModel(copy.deepcopy(embedder.config))
     load_pretrained_backbone(fresh, source)
     fresh.to(device).eval()
 
     def features(split: Any) -> tuple[np.ndarray, np.ndarray]:
-        pooled = pooled_features(
-            fresh, split, max_images=len(split), batch_size=batch_size, seed=0, device=device, progress=progress
-        )
-        return torch.nn.functional.normalize(pooled, dim=-1).numpy(), np.asarray(label_array(split))
+        pooled, labels = embed_split(fresh, split, batch_size=batch_size, device=device, progress=progress, pooled=True)
+        return torch.nn.functional.normalize(torch.from_numpy(pooled), dim=-1).numpy(), labels
 
     return features
 

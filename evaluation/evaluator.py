@@ -14,16 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from ..data.transforms import attach_transform, build_transform, collate_fn
+from ..data.dml_dataset import label_array
+from ..inference.embedding import EvalTransform, embed_images, pooled_features, pooler_output
 from ..modeling.modeling_crossmetric import CrossMetricModel
-from ..utils.fault_points import fault_point
 from .metrics import retrieval_metrics
 
 
-@torch.no_grad()
 def embed_split(
     embedder: CrossMetricModel,
     split: Any,
@@ -34,29 +31,15 @@ def embed_split(
     pooled: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings (N×D float32) and labels (N) of a ``datasets`` split with ``image`` and ``label`` columns,
-    preprocessed as the model's evaluation transform (resize, centre crop). ``pooled`` returns the backbone's pooled
-    features (N×C, before the embedding layer) instead."""
-    device = torch.device(device) if device is not None else next(embedder.parameters()).device
-    transform = build_transform(embedder.config.preprocessing, train=False)
-    loader = DataLoader(
-        attach_transform(split, transform),
-        batch_size=batch_size,
-        collate_fn=collate_fn,
-        generator=torch.Generator(),  # creating the iterator must not draw from the global RNG (exact resume)
-    )
-    was_training = embedder.training
-    embedder.eval().to(memory_format=torch.channels_last)  # faster CPU convolutions; values unchanged
-    embeddings, labels = [], []
-    for batch in tqdm(loader, desc="embedding", disable=not progress, dynamic_ncols=True, leave=False):
-        pixel_values = batch["pixel_values"].to(device).contiguous(memory_format=torch.channels_last)
-        output = (
-            embedder.pool(*embedder.forward_tokens(pixel_values)) if pooled else embedder(pixel_values).pooler_output
-        )
-        embeddings.append(output.float().cpu().numpy())
-        labels.append(batch["labels"].numpy())
-        fault_point("evaluation")  # test hook (tests/test_faults.py): a no-op unless CROSSMETRIC_TEST_PAUSE is set
-    embedder.train(was_training)
-    return np.concatenate(embeddings), np.concatenate(labels)
+    preprocessed as the model's evaluation transform (resize, centre crop), through the one embedding loop
+    (:func:`~crossmetric.inference.embedding.embed_images`). ``pooled`` returns the backbone's pooled features (N×C,
+    before the embedding layer) instead. Every image must decode (an unreadable one is a ``ValueError``)."""
+    result = embed_images(
+        embedder, EvalTransform(embedder.config.preprocessing), split, batch_size, device, progress,
+        desc="embedding", forward=pooled_features if pooled else pooler_output, skip_unreadable=False,
+        channels_last=True,  # faster CPU convolutions; values unchanged
+    )  # fmt: skip
+    return result.embeddings, np.asarray(label_array(split), dtype=np.int64)
 
 
 class DivergedModelError(ValueError):

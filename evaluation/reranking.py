@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from ..data.transforms import attach_transform, build_transform, collate_fn
+from ..data.dml_dataset import label_array
+from ..inference.embedding import EvalTransform, embed_images, embeddings_and_head_tokens
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning
 from .reports import nearest_neighbours
 
@@ -45,7 +44,7 @@ def rerank_source(ns: argparse.Namespace) -> str | None:
         return None
     if ns.rerank_top_k < 2:
         raise ValueError(f"--rerank_top_k must be >= 2 (a re-ranking needs candidates), got {ns.rerank_top_k}.")
-    from ..hub.model_loading import find_training_checkpoint
+    from ..inference.run_folder import find_training_checkpoint
 
     source = ns.checkpoint or ns.model
     try:
@@ -60,7 +59,7 @@ def rerank_source(ns: argparse.Namespace) -> str | None:
 
 def load_reranker(source: str) -> CrossMetricForMetricLearning:
     """The training model of ``source``, checked to have a head whose pair similarities are defined."""
-    from ..hub.model_loading import load_training_checkpoint
+    from ..inference.loading import load_training_checkpoint
 
     model = load_training_checkpoint(source)
     if model.head is None:
@@ -70,23 +69,16 @@ def load_reranker(source: str) -> CrossMetricForMetricLearning:
     return model
 
 
-@torch.no_grad()
 def head_inputs(
     model: CrossMetricForMetricLearning, split: Any, batch_size: int, device: torch.device, progress: bool
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Embeddings (N×D), head tokens (N×T×C') and labels of a split, from one backbone pass per batch."""
-    transform = build_transform(model.config.preprocessing, train=False)
-    loader = DataLoader(
-        attach_transform(split, transform), batch_size=batch_size, collate_fn=collate_fn, generator=torch.Generator()
-    )
-    model.eval().to(device)
-    embeddings, tokens, labels = [], [], []
-    for batch in tqdm(loader, desc="head inputs", disable=not progress, leave=False):
-        _, batch_embeddings, batch_tokens, _ = model.forward_head_inputs(batch["pixel_values"].to(device))
-        embeddings.append(batch_embeddings.float().cpu())
-        tokens.append(batch_tokens.float().cpu())
-        labels.append(batch["labels"].numpy())
-    return torch.cat(embeddings), torch.cat(tokens), np.concatenate(labels)
+    result = embed_images(
+        model, EvalTransform(model.config.preprocessing), split, batch_size, device, progress,
+        desc="head inputs", forward=embeddings_and_head_tokens, skip_unreadable=False,
+    )  # fmt: skip
+    labels = np.asarray(label_array(split), dtype=np.int64)
+    return torch.from_numpy(result.embeddings), torch.from_numpy(result.extras["tokens"]), labels
 
 
 @torch.no_grad()

@@ -19,7 +19,6 @@ Needs the optional extra: ``pip install "crossmetric[onnx]"`` (onnx, onnxscript,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,31 +31,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..inference.embedding import EvalTransform, embed_images, embedding_fingerprint
+from ..inference.onnx_runtime import (
+    CHECK_FILE,
+    FP32_FILE,
+    INPUT_NAME,
+    INT8_FILE,
+    ONNX_DIR,
+    OUTPUT_NAMES,
+    require_onnx,
+    run_session,
+    session,
+)  # fmt: skip
+from ..modeling.modeling_crossmetric import replace_directory
+
 logger = logging.getLogger(__name__)
 
-ONNX_DIR = "onnx"
-FP32_FILE = "model.onnx"
-INT8_FILE = "model_quantized.onnx"
-CHECK_FILE = "export_check.json"
-INPUT_NAME = "pixel_values"
-OUTPUT_NAMES = ("last_hidden_state", "pooler_output")
 MAX_FP32_DIFFERENCE = 1e-4
 MAX_RECALL_DROP = 0.01  # Recall@1 as a fraction: 1 point
-
-
-def require_onnx(what: str = "--onnx") -> None:
-    """Raise ImportError naming the extra to install when onnx, onnxscript or onnxruntime is missing."""
-    missing = []
-    for module in ("onnx", "onnxscript", "onnxruntime"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
-    if missing:
-        raise ImportError(
-            f"{what} needs {', '.join(missing)}, which crossmetric does not install by default: "
-            'pip install "crossmetric[onnx]".'
-        )
 
 
 class _TupleOutputs(torch.nn.Module):
@@ -117,23 +109,6 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_pixel_values: to
     return int8_path
 
 
-def session(path: str | os.PathLike, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU inference session of ``path``."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run_session(onnx_session: Any, pixel_values: torch.Tensor | np.ndarray) -> np.ndarray:
-    """``pooler_output`` of one batch through an ONNX Runtime session, float32 B × D."""
-    pixels = pixel_values.numpy() if isinstance(pixel_values, torch.Tensor) else pixel_values
-    (embeddings,) = onnx_session.run(["pooler_output"], {INPUT_NAME: np.ascontiguousarray(pixels, np.float32)})
-    return embeddings
-
-
 def max_difference(embedder: torch.nn.Module, onnx_path: Path, pixel_values: torch.Tensor) -> float:
     """Max absolute difference of ``pooler_output`` between PyTorch and ONNX Runtime on ``pixel_values``."""
     embedder.eval()
@@ -146,42 +121,27 @@ def split_recall_at_1(
     paths: dict[str, Path], preprocessing: dict[str, Any], split: Any, batch_size: int = 256
 ) -> dict[str, float]:
     """Recall@1 of each ONNX file (name -> path) on a ``datasets`` split (``image``, ``label``), every image
-    querying all others, with the evaluation preprocessing (resize, centre crop) the trainer uses."""
-    from torch.utils.data import DataLoader
-
-    from ..data.transforms import attach_transform, build_transform, collate_fn
+    querying all others, with the evaluation preprocessing (resize, centre crop) the trainer uses; one pass of the
+    embedding loop runs every file on each batch."""
+    from ..data.dml_dataset import label_array
     from ..evaluation.metrics import retrieval_metrics
 
-    sessions = {name: session(path) for name, path in paths.items()}
-    loader = DataLoader(
-        attach_transform(split, build_transform(preprocessing, train=False)),
-        batch_size=batch_size,
-        collate_fn=collate_fn,
-    )
-    chunks: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
-    labels = []
-    for batch in loader:
-        for name, onnx_session in sessions.items():
-            chunks[name].append(run_session(onnx_session, batch["pixel_values"]))
-        labels.append(batch["labels"].numpy())
-    label_array = np.concatenate(labels)
+    names, sessions = list(paths), [session(path) for path in paths.values()]
+
+    def every_file(_: Any, pixel_values: torch.Tensor) -> dict[str, np.ndarray]:
+        outputs = [run_session(onnx_session, pixel_values) for onnx_session in sessions]
+        return {"embeddings": outputs[0], **dict(zip(names[1:], outputs[1:]))}
+
+    result = embed_images(
+        None, EvalTransform(preprocessing), split, batch_size, progress=False, forward=every_file,
+        skip_unreadable=False,
+    )  # fmt: skip
+    embedded = {names[0]: result.embeddings, **result.extras}
+    labels = np.asarray(label_array(split), dtype=np.int64)
     return {
-        name: retrieval_metrics(np.concatenate(parts), label_array, ks=(1,), nmi=False, progress=False)["recall@1"]
-        for name, parts in chunks.items()
+        name: retrieval_metrics(embedded[name], labels, ks=(1,), nmi=False, progress=False)["recall@1"]
+        for name in names
     }
-
-
-def embedding_fingerprint(embedder: torch.nn.Module) -> str | None:
-    """The fingerprint an index records for the model (see ``embedding.model_reference``), so that an index built
-    through ONNX Runtime matches the PyTorch model it came from."""
-    layer = getattr(embedder, "embedding", None)
-    if not isinstance(layer, torch.nn.Linear):
-        return None
-    digest = hashlib.sha256()
-    for tensor in (layer.weight, layer.bias):
-        if tensor is not None:
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def export_onnx(
@@ -235,8 +195,6 @@ def export_onnx(
                     f"more than 1 point below fp32 ({recall['fp32']:.4f}); {INT8_FILE} is not written."
                 )
         (staging / CHECK_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        from ..modeling.modeling_crossmetric import replace_directory
-
         replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import httpx2
 from huggingface_hub import CommitInfo, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from ..inference.loading import check_repo_id
 
 logger = logging.getLogger(__name__)
 
@@ -36,32 +37,6 @@ class HubPushError(RuntimeError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-
-
-def check_repo_id(repo_id: object) -> str:
-    """Return ``repo_id`` if it is ``namespace/name`` and safe to put in a URL, else raise ValueError.
-
-    On top of ``huggingface_hub.utils.validate_repo_id`` (characters, length, ``--``/``..``), the
-    namespace is required (an implicit one would depend on whose token is set) and NUL bytes,
-    absolute paths and ``..`` are named explicitly, since a repo id ends up in URL paths.
-    """
-    hint = "Use the form NAMESPACE/NAME, e.g. --repo-id my-user/crossmetric-cub200."
-    if not isinstance(repo_id, str) or not repo_id:
-        raise ValueError(f"repo_id must be a non-empty string, got {repo_id!r}. {hint}")
-    if "\x00" in repo_id:
-        raise ValueError(f"repo_id {repo_id!r} contains a NUL byte. {hint}")
-    if repo_id.startswith(("/", "\\")) or PurePosixPath(repo_id).is_absolute() or ":" in repo_id:
-        raise ValueError(f"repo_id {repo_id!r} looks like a path, not a Hub repo id. {hint}")
-    if ".." in repo_id:
-        raise ValueError(f"repo_id {repo_id!r} contains '..'. {hint}")
-    namespace, _, name = repo_id.partition("/")
-    if not namespace or not name or "/" in name:
-        raise ValueError(f"repo_id {repo_id!r} must have exactly one '/' between namespace and name. {hint}")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise ValueError(f"repo_id {repo_id!r} is not a valid Hub repo id: {err} {hint}") from err
-    return repo_id
 
 
 def check_revision(revision: object) -> str | None:

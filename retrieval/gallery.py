@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from ..evaluation.embedding import embed_images, list_image_files, model_reference
-from ..hub.model_loading import load_embedder
+from ..data.image_loading import list_image_files
+from ..inference.embedding import embed_images, model_reference
+from ..inference.loading import load_embedder
 from ..utils.atomic_files import write_atomic
 
 logger = logging.getLogger(__name__)

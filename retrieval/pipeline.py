@@ -108,7 +108,7 @@ class ImageRetrievalPipeline(Pipeline):
 
     def _check_index(self, index: Any) -> Any:
         """Refuse an index of another embedding size; warn when it was built by a different model."""
-        from ..evaluation.embedding import model_reference
+        from ..inference.embedding import model_reference
 
         dim = getattr(self.model.config, "embedding_dim", None)
         if dim is not None and dim != index.dim:

@@ -64,8 +64,8 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from crossmetric import CrossMetricConfig, CrossMetricForMetricLearning, CrossMetricModel  # noqa: E402
+from crossmetric.inference.pretrained import load_pretrained_backbone  # noqa: E402
 from crossmetric.modeling.multi_similarity import multi_similarity_loss  # noqa: E402
-from crossmetric.training.pretrained import load_pretrained_backbone  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE = "tf_efficientnet_lite0"

@@ -25,15 +25,8 @@ from crossmetric import CrossMetricModel
 from crossmetric.data.dml_dataset import load_dml_dataset
 from crossmetric.data.transforms import attach_transform, build_transform, collate_fn
 from crossmetric.evaluation.evaluator import Evaluator
-from crossmetric.hub.onnx_export import (
-    CHECK_FILE,
-    FP32_FILE,
-    INT8_FILE,
-    ONNX_DIR,
-    run_session,
-    session,
-    split_recall_at_1,
-)
+from crossmetric.hub.onnx_export import split_recall_at_1
+from crossmetric.inference.onnx_runtime import CHECK_FILE, FP32_FILE, INT8_FILE, ONNX_DIR, run_session, session
 
 
 def batch_of(split, preprocessing: dict, count: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from crossmetric import CrossMetricConfig, CrossMetricForMetricLearning
-from crossmetric.hub.sentence_transformers_files import sentence_transformers_files
+from crossmetric.model_cards.sentence_transformers_files import sentence_transformers_files
 from crossmetric.modeling.modeling_crossmetric import save_embedder
 
 

@@ -19,11 +19,11 @@ from _training_fixtures import TINY_MODEL, make_shapes_folder, one_thread_fixtur
 from crossmetric.cli.main import main
 from crossmetric.data.dml_dataset import label_array, load_dml_dataset
 from crossmetric.evaluation.evaluator import Evaluator, raw_pixel_features
+from crossmetric.inference.pretrained import WEIGHT_SOURCES, load_pretrained_backbone
 from crossmetric.modeling.configuration_crossmetric import CrossMetricConfig
 from crossmetric.modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel
 from crossmetric.training.config import TrainingConfig
 from crossmetric.training.embedding_init import pooled_features
-from crossmetric.training.pretrained import WEIGHT_SOURCES, load_pretrained_backbone
 
 TINY = {**TINY_MODEL, "image_size": 32}
 MODEL_KEYS = {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi"}

@@ -27,7 +27,7 @@ from crossmetric.evaluation.attention_maps import pair_attention, select_pairs, 
 from crossmetric.evaluation.evaluator import embed_split
 from crossmetric.evaluation.metrics import query_gallery_metrics, retrieval_metrics
 from crossmetric.evaluation.reports import nearest_neighbours, recall_at_k_curve, sample_queries
-from crossmetric.hub.model_loading import load_training_checkpoint, resolve_model
+from crossmetric.inference.loading import load_training_checkpoint, resolve_model
 from crossmetric.modeling.configuration_crossmetric import CrossMetricConfig
 from crossmetric.modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel
 from crossmetric.training.config import TrainingConfig

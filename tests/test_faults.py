@@ -36,8 +36,9 @@ from safetensors.torch import load_file
 from crossmetric import CrossMetricConfig, CrossMetricForMetricLearning, CrossMetricModel
 from crossmetric.cli import main as cli
 from crossmetric.hub.push import HubPushError, push_to_hub_folder
+from crossmetric.inference.run_folder import complete_checkpoints
 from crossmetric.modeling import modeling_crossmetric
-from crossmetric.training.checkpointing import complete_checkpoints, resolve_checkpoint
+from crossmetric.training.checkpointing import resolve_checkpoint
 from crossmetric.training.trainer import CrossMetricTrainer
 
 hub_server = _hub_server.hub_server  # the fixture, bound here so that pytest finds it
@@ -84,8 +85,8 @@ def test_sigkill_in_a_checkpoint_write_in_evaluation_and_mid_epoch_then_resume_g
 
     # 2. Resumed; killed while evaluating at the end of epoch 2 (checkpoint-6 was written just before).
     resume = [*args, "--resume_from_checkpoint", "latest"]
-    second = start_cli("train", resume, CROSSMETRIC_TEST_PAUSE="evaluation:2:600")
-    second.wait_for("CROSSMETRIC_TEST_PAUSE evaluation #2")
+    second = start_cli("train", resume, CROSSMETRIC_TEST_PAUSE="embedding:2:600")
+    second.wait_for("CROSSMETRIC_TEST_PAUSE embedding #2")
     second.kill()
     assert "Resumed from" in second.output and "zero-shot" not in second.output
     assert resolve_checkpoint(run, "latest") == checkpoints / "checkpoint-6"

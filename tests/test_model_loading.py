@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from crossmetric.hub.model_loading import is_hub_id, load_embedder, resolve_model
+from crossmetric.inference.loading import is_hub_id, load_embedder, resolve_model
+from crossmetric.inference.run_folder import COMPLETE_MARKER
 from crossmetric.modeling.configuration_crossmetric import CrossMetricConfig
 from crossmetric.modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel, save_embedder
-from crossmetric.training.checkpointing import COMPLETE_MARKER
 
 
 def _tiny_model() -> CrossMetricForMetricLearning:

@@ -14,8 +14,8 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from crossmetric.cli.main import main  # noqa: E402
-from crossmetric.evaluation.onnx_embedding import OnnxEmbedder  # noqa: E402
 from crossmetric.hub import onnx_export  # noqa: E402
+from crossmetric.inference.onnx_runtime import OnnxEmbedder  # noqa: E402
 from crossmetric.retrieval.index import EmbeddingIndex  # noqa: E402
 
 

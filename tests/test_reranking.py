@@ -14,7 +14,7 @@ from _training_fixtures import make_shapes_folder
 from crossmetric.cli.main import main
 from crossmetric.data.dml_dataset import load_dml_dataset
 from crossmetric.evaluation.reranking import head_inputs
-from crossmetric.hub.model_loading import load_training_checkpoint
+from crossmetric.inference.loading import load_training_checkpoint
 from crossmetric.training.config import TrainingConfig
 from crossmetric.training.trainer import CrossMetricTrainer
 

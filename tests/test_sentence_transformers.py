@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import AutoModel
 
 import crossmetric  # noqa: F401  (registers the model type: the route without trust_remote_code)
-from crossmetric.hub.sentence_transformers_files import FILE_NAMES
+from crossmetric.model_cards.sentence_transformers_files import FILE_NAMES
 
 pytest.importorskip("sentence_transformers")
 from sentence_transformers import SentenceTransformer  # noqa: E402
@@ -100,7 +100,7 @@ def test_hub_round_trip_carries_onnx_and_the_sentence_transformers_files(hub_ser
     got_remote = encode_with_remote_code("tester/st-embedder", files, tmp_path)
     np.testing.assert_allclose(got_remote, expected, atol=1e-5, rtol=0)
 
-    from crossmetric.evaluation.onnx_embedding import OnnxEmbedder
+    from crossmetric.inference.onnx_runtime import OnnxEmbedder
 
     onnx = OnnxEmbedder("tester/st-embedder")(pixel_values(directory, files)).pooler_output.numpy()
     np.testing.assert_allclose(onnx, expected, atol=1e-4, rtol=0)

@@ -10,34 +10,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..inference.run_folder import COMPLETE_MARKER, TRAINER_STATE, checkpoint_root, complete_checkpoints
 from ..utils.fault_points import fault_point
-
-COMPLETE_MARKER = "COMPLETE"
-TRAINER_STATE = "trainer_state.json"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-def checkpoint_root(run_directory: Path) -> Path:
-    return run_directory / "checkpoints"
-
-
-def complete_checkpoints(run_directory: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = checkpoint_root(run_directory)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _NAME.match(child.name)
-        if match and child.is_dir() and (child / COMPLETE_MARKER).is_file() and (child / TRAINER_STATE).is_file():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
 
 
 def resolve_checkpoint(run_directory: Path, requested: str) -> Path:
@@ -111,10 +90,6 @@ def _move_aside(checkpoint: Path) -> Path | None:
     shutil.rmtree(doomed, ignore_errors=True)
     os.replace(checkpoint, doomed)
     return doomed
-
-
-def read_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / TRAINER_STATE).read_text())
 
 
 def load_checkpoint(accelerator: Any, checkpoint: Path) -> None:

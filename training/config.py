@@ -207,29 +207,11 @@ class TrainingConfig:
         self.model_config()  # CrossMetricConfig validates the model fields, naming each
 
     def model_config(self):
-        """The :class:`CrossMetricConfig` these fields describe (validated there)."""
-        from ..modeling.configuration_crossmetric import CrossMetricConfig
-        from .pretrained import WEIGHT_SOURCES
+        """The :class:`CrossMetricConfig` these fields describe (validated there); a run's checkpoints are loaded with
+        the same rule (``inference/run_folder.py``)."""
+        from ..inference.run_folder import model_config_from_fields
 
-        source = WEIGHT_SOURCES.get(self.pretrained)
-        mean_std = source.normalisation if source is not None else {}
-        return CrossMetricConfig(
-            backbone=self.backbone,
-            embedding_dim=self.embedding_dim,
-            pooling=self.pooling,
-            image_size=self.image_size,
-            crop_pct=self.crop_pct,
-            cia_levels=self.cia_levels,
-            cia_heads=self.cia_heads,
-            cia_dim=self.cia_dim,
-            cia_mlp_ratio=self.cia_mlp_ratio,
-            cia_dropout=self.cia_dropout,
-            cia_query=self.cia_query,
-            cia_loss_weight=self.cia_loss_weight,
-            cia_level_weights=self.cia_level_weights,
-            cia_token_stride=self.cia_token_stride,
-            **mean_std,
-        )
+        return model_config_from_fields(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,10 +17,10 @@ import numpy as np
 from safetensors.torch import load_file
 
 from ..data.dml_dataset import carve_validation, label_array
+from ..inference.run_folder import BEST_FOLDER
 
 logger = logging.getLogger(__name__)
 
-BEST_FOLDER = "best"
 MIN_VALIDATION_CLASSES = 2
 
 

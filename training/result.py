@@ -2,12 +2,41 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning
+import torch
+
+from ..inference.run_folder import EXPORT_FOLDER
+from ..model_cards.run_card import card_data_for_run, export_files
+from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, save_embedder
 from .config import TrainingConfig
+
+
+def export_run(
+    run_directory: str | os.PathLike,
+    model: torch.nn.Module,
+    config: TrainingConfig,
+    metrics: dict[str, float] | None,
+    history: Sequence[dict[str, Any]] = (),
+) -> Path:
+    """Write ``run_directory/model``: weights without the head, config, preprocessing, model card, metrics and
+    training config.
+
+    Takes plain values (not the trainer), so that export does not depend on the trainer's internals: ``model`` is
+    the training model (possibly wrapped by accelerate/DDP/``torch.compile``) or its embedder, ``config`` the
+    run's :class:`TrainingConfig`, ``history`` the run's log records (for the card's training table).
+    """
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model)
+    embedder = model.embedder if isinstance(model, CrossMetricForMetricLearning) else model
+    data = card_data_for_run(config, embedder.config, list(history), metrics)
+    files = export_files(data, metrics, training_config=config)
+    return save_embedder(embedder, Path(run_directory) / EXPORT_FOLDER, extra_files=files)
 
 
 @dataclass
@@ -31,7 +60,5 @@ class TrainingResult:
 
     def export(self) -> Path:
         """Write ``RUN/model``: the selected embedder (no head weights), its card, metrics and training config."""
-        from ..hub.export import export_run
-
         self.export_directory = export_run(self.run_directory, self.model, self.config, self.metrics, self.history)
         return self.export_directory

@@ -25,12 +25,13 @@ from ..data.dml_dataset import label_array, load_dml_dataset
 from ..data.sampler import ClassBalancedBatchSampler
 from ..data.transforms import attach_transform, build_transform, collate_fn
 from ..evaluation.evaluator import DivergedModelError, Evaluator
+from ..inference.run_folder import LOG_FILE, TRAINING_CONFIG_FILE, checkpoint_root, complete_checkpoints, read_state
 from ..modeling.configuration_crossmetric import HEAD_FIELDS
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning
 from ..utils.atomic_files import check_writable
 from ..utils.atomic_files import write_atomic as write_text_atomic
 from ..utils.fault_points import fault_point
-from .checkpointing import complete_checkpoints, load_checkpoint, read_state, resolve_checkpoint, write_checkpoint
+from .checkpointing import load_checkpoint, resolve_checkpoint, write_checkpoint
 from .config import TrainingConfig
 from .distributed import all_gather_labels, all_gather_with_gradient
 from .embedding_init import initialize_embedding_from_features
@@ -162,7 +163,7 @@ class CrossMetricTrainer:
             return CrossMetricForMetricLearning.from_pretrained(c.model_name_or_path, **head)
         model = CrossMetricForMetricLearning(c.model_config())
         if c.pretrained != "none":
-            from .pretrained import load_pretrained_backbone
+            from ..inference.pretrained import load_pretrained_backbone
 
             load_pretrained_backbone(model, c.pretrained)
         return model
@@ -173,7 +174,7 @@ class CrossMetricTrainer:
         if c.resume_from_checkpoint:
             self._resume(resolve_checkpoint(self.run_directory, c.resume_from_checkpoint))
         if accelerator.is_main_process:
-            c.save_yaml(self.run_directory / "training_config.yaml")
+            c.save_yaml(self.run_directory / TRAINING_CONFIG_FILE)
         if c.report_to != "none":
             accelerator.init_trackers("crossmetric", config=_flat_config(c))
         if self.global_step == 0 and self.batches_done_in_epoch == 0 and not self.validation_curve:
@@ -297,7 +298,7 @@ class CrossMetricTrainer:
     def _append_log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self.accelerator.is_main_process:
-            with open(self.run_directory / "log.jsonl", "a") as stream:
+            with open(self.run_directory / LOG_FILE, "a") as stream:
                 stream.write(json.dumps(record) + "\n")
 
     # ----------------------------------------------------------------------------------------------- evaluation
@@ -359,7 +360,7 @@ class CrossMetricTrainer:
             write_checkpoint(
                 self.run_directory, self.global_step, self.accelerator.save_state, state, self.config.save_total_limit
             )
-            self.config.save_yaml(self.run_directory / "checkpoints" / "training_config.yaml")
+            self.config.save_yaml(checkpoint_root(self.run_directory) / TRAINING_CONFIG_FILE)
         self.accelerator.wait_for_everyone()
 
     def _resume(self, checkpoint: Path) -> None:
@@ -375,7 +376,7 @@ class CrossMetricTrainer:
         self.batches_done_in_epoch = state["batches_done_in_epoch"]
         self.selection.best = state["best_metrics"]
         self.zero_shot = state.get("zero_shot")
-        log = self.run_directory / "log.jsonl"
+        log = self.run_directory / LOG_FILE
         if log.exists():  # drop log lines written after the checkpoint, by the run that was interrupted
             lines = log.read_text().splitlines()[: state["history_length"]]
             self.history = [json.loads(line) for line in lines]

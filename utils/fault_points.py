@@ -8,8 +8,8 @@ a test that reads the output kills the process with SIGKILL when the line appear
   (:func:`crossmetric.training.checkpointing.write_checkpoint`);
 - ``train_step``: an optimizer step is done (and its ``save_steps`` checkpoint written), the next batch not yet
   drawn (:meth:`crossmetric.training.trainer.CrossMetricTrainer._train_epoch`);
-- ``evaluation``: a batch of the evaluation split is embedded, the metrics are not computed yet
-  (:func:`crossmetric.evaluation.evaluator.embed_split`).
+- ``embedding``: a batch of images is embedded (an evaluation split's, say: the metrics are not computed yet)
+  (:func:`crossmetric.inference.embedding.embed_images`).
 
 Without the variable (every normal run) a point costs one dictionary lookup. Used by ``tests/test_faults.py``.
 """

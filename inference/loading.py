@@ -10,26 +10,57 @@ instead):
 * :func:`load_training_checkpoint` returns the full training model (embedder + head) of a run or checkpoint.
 
 A Hub id is recognised with ``huggingface_hub``'s ``validate_repo_id`` and a required namespace
-(:func:`~crossmetric.hub.push.check_repo_id`, the rule ``crossmetric push`` applies too).
+(:func:`check_repo_id`, the rule ``crossmetric push`` applies too). What a run folder holds is read through
+:mod:`.run_folder`; ``backend="onnx"`` loads through :mod:`.onnx_runtime`.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..modeling.configuration_crossmetric import HEAD_FIELDS
 from ..modeling.image_processing_crossmetric import build_image_processor
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel
-from ..training.checkpointing import complete_checkpoints
-from ..training.config import TrainingConfig
-from .push import check_repo_id
+from .run_folder import (
+    EXPORT_FOLDER,
+    TRAINER_STATE,
+    complete_checkpoints,
+    find_training_checkpoint,
+    training_model_config,
+)
 
 ModelKind = Literal["export", "checkpoint", "hub"]
 _WHAT_TO_PASS = "pass an exported model folder (crossmetric export), a training run folder, a checkpoint, or a Hub id"
+
+
+def check_repo_id(repo_id: object) -> str:
+    """Return ``repo_id`` if it is ``namespace/name`` and safe to put in a URL, else raise ValueError.
+
+    On top of ``huggingface_hub.utils.validate_repo_id`` (characters, length, ``--``/``..``), the
+    namespace is required (an implicit one would depend on whose token is set) and NUL bytes,
+    absolute paths and ``..`` are named explicitly, since a repo id ends up in URL paths.
+    """
+    hint = "Use the form NAMESPACE/NAME, e.g. --repo-id my-user/crossmetric-cub200."
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(f"repo_id must be a non-empty string, got {repo_id!r}. {hint}")
+    if "\x00" in repo_id:
+        raise ValueError(f"repo_id {repo_id!r} contains a NUL byte. {hint}")
+    if repo_id.startswith(("/", "\\")) or PurePosixPath(repo_id).is_absolute() or ":" in repo_id:
+        raise ValueError(f"repo_id {repo_id!r} looks like a path, not a Hub repo id. {hint}")
+    if ".." in repo_id:
+        raise ValueError(f"repo_id {repo_id!r} contains '..'. {hint}")
+    namespace, _, name = repo_id.partition("/")
+    if not namespace or not name or "/" in name:
+        raise ValueError(f"repo_id {repo_id!r} must have exactly one '/' between namespace and name. {hint}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"repo_id {repo_id!r} is not a valid Hub repo id: {err} {hint}") from err
+    return repo_id
 
 
 def is_hub_id(value: str) -> bool:
@@ -52,9 +83,9 @@ def resolve_model(value: str | os.PathLike, flag: str = "--model") -> tuple[Mode
     if path.is_dir():
         if (path / "config.json").is_file():
             return "export", path
-        if (path / "model" / "config.json").is_file():
-            return "export", path / "model"
-        if (path / "trainer_state.json").is_file() or complete_checkpoints(path):
+        if (path / EXPORT_FOLDER / "config.json").is_file():
+            return "export", path / EXPORT_FOLDER
+        if (path / TRAINER_STATE).is_file() or complete_checkpoints(path):
             return "checkpoint", path
         raise ValueError(f"{flag} {text!r} has no config.json, no model/ export and no checkpoints/: {_WHAT_TO_PASS}.")
     if path.exists():
@@ -64,32 +95,12 @@ def resolve_model(value: str | os.PathLike, flag: str = "--model") -> tuple[Mode
     return "hub", text
 
 
-def find_training_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
-    """``(checkpoint folder, training_config.yaml)`` of a checkpoint folder or of a run folder's latest checkpoint."""
-    source = Path(path)
-    if not source.is_dir():
-        raise FileNotFoundError(f"checkpoint {str(source)!r}: no such folder (pass a training run or checkpoint).")
-    if (source / "trainer_state.json").is_file():
-        checkpoint = source
-    elif complete_checkpoints(source):
-        checkpoint = complete_checkpoints(source)[-1]
-    else:
-        raise FileNotFoundError(
-            f"checkpoint {str(source)!r} is neither a training checkpoint (no trainer_state.json) nor a run folder "
-            "with complete checkpoints under checkpoints/."
-        )
-    for folder in (checkpoint, *checkpoint.parents):
-        if (folder / "training_config.yaml").is_file():
-            return checkpoint, folder / "training_config.yaml"
-    raise FileNotFoundError(f"No training_config.yaml in {checkpoint} or above it: is it a crossmetric run?")
-
-
 def load_training_checkpoint(path: str | os.PathLike) -> CrossMetricForMetricLearning:
     """The full training model (embedder + head) of a checkpoint folder, or of a run folder's latest checkpoint.
 
-    The model is rebuilt from the run's ``training_config.yaml`` (a run started from ``model_name_or_path`` keeps
-    that model's architecture with the run's :data:`HEAD_FIELDS`) and filled from the checkpoint's
-    ``model.safetensors`` strictly: a missing, unexpected or misshapen weight is a ``ValueError``.
+    The model is rebuilt from the run's ``training_config.yaml`` (:func:`~.run_folder.training_model_config`: a run
+    started from ``model_name_or_path`` keeps that model's architecture with the run's head fields) and filled from
+    the checkpoint's ``model.safetensors`` strictly: a missing, unexpected or misshapen weight is a ``ValueError``.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -98,16 +109,7 @@ def load_training_checkpoint(path: str | os.PathLike) -> CrossMetricForMetricLea
     weights = checkpoint / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{checkpoint} has no model.safetensors; is it a crossmetric training checkpoint?")
-    config = TrainingConfig.from_yaml(config_path)
-    if "cia_token_stride" not in config_path.read_text(encoding="utf-8"):
-        config.cia_token_stride = 0  # a run from before the field: its head read the last feature map
-    model_config = config.model_config()
-    if config.model_name_or_path:
-        from ..modeling.configuration_crossmetric import CrossMetricConfig
-
-        head = {name: getattr(model_config, name) for name in HEAD_FIELDS}
-        model_config = CrossMetricConfig.from_pretrained(config.model_name_or_path, **head)
-    model = CrossMetricForMetricLearning(model_config)
+    model = CrossMetricForMetricLearning(training_model_config(config_path))
     try:
         missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
     except SafetensorError as error:
@@ -138,10 +140,10 @@ def load_embedder(
     :class:`CrossMetricForMetricLearning` gives its embedder. Without a saved processor (checkpoints, model
     objects) the evaluation preprocessing is built from the model's config. Loaded models are in eval mode.
     ``backend="onnx"`` runs an exported folder's ``onnx/model.onnx`` with ONNX Runtime instead (no PyTorch model is
-    loaded; see :mod:`crossmetric.evaluation.onnx_embedding`).
+    loaded; see :mod:`.onnx_runtime`).
     """
     if backend != "torch":
-        from ..evaluation.onnx_embedding import check_backend, load_onnx_embedder
+        from .onnx_runtime import check_backend, load_onnx_embedder
 
         check_backend(backend)
         return load_onnx_embedder(model, image_processor)

@@ -383,7 +383,7 @@ def _warn_on_normalisation_mismatch(model: nn.Module, preprocessing: dict[str, A
     if wrong:
         warnings.warn(
             f"pretrained={source!r}: the model's config has {', '.join(wrong)}. Build the config with the weights' "
-            "normalisation (crossmetric.training.pretrained.WEIGHT_SOURCES[...].normalisation).",
+            "normalisation (crossmetric.inference.pretrained.WEIGHT_SOURCES[...].normalisation).",
             stacklevel=3,
         )
 

@@ -1,7 +1,7 @@
-"""Embedding through ONNX Runtime, with no PyTorch model loaded (``--backend onnx``).
+"""Embedding through ONNX Runtime, with no PyTorch model loaded (``--backend onnx``); the ONNX files' names.
 
 :class:`OnnxEmbedder` runs ``onnx/model.onnx`` (or ``model_quantized.onnx``) of an exported folder or Hub repo and
-offers what :func:`~crossmetric.evaluation.embedding.embed_images` uses of a ``CrossMetricModel``: a ``config``, a call
+offers what :func:`~crossmetric.inference.embedding.embed_images` uses of a ``CrossMetricModel``: a ``config``, a call
 on ``pixel_values`` whose result has ``pooler_output``, ``to``/``eval``/``parameters``, and the model reference an
 index records. So ``build_index(..., backend="onnx")``, ``EmbeddingIndex.from_folder(..., backend="onnx")``,
 ``crossmetric index build --backend onnx`` and ``crossmetric search --backend onnx`` embed with ONNX Runtime; the
@@ -21,10 +21,47 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..hub.onnx_export import CHECK_FILE, FP32_FILE, INT8_FILE, ONNX_DIR, require_onnx, run_session, session
 from ..modeling.configuration_crossmetric import CrossMetricConfig
 
 BACKENDS = ("torch", "onnx")
+ONNX_DIR = "onnx"
+FP32_FILE = "model.onnx"
+INT8_FILE = "model_quantized.onnx"
+CHECK_FILE = "export_check.json"
+INPUT_NAME = "pixel_values"
+OUTPUT_NAMES = ("last_hidden_state", "pooler_output")
+
+
+def require_onnx(what: str = "--onnx") -> None:
+    """Raise ImportError naming the extra to install when onnx, onnxscript or onnxruntime is missing."""
+    missing = []
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ImportError(
+            f"{what} needs {', '.join(missing)}, which crossmetric does not install by default: "
+            'pip install "crossmetric[onnx]".'
+        )
+
+
+def session(path: str | os.PathLike, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU inference session of ``path``."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_session(onnx_session: Any, pixel_values: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``pooler_output`` of one batch through an ONNX Runtime session, float32 B × D."""
+    pixels = pixel_values.numpy() if isinstance(pixel_values, torch.Tensor) else pixel_values
+    (embeddings,) = onnx_session.run([OUTPUT_NAMES[1]], {INPUT_NAME: np.ascontiguousarray(pixels, np.float32)})
+    return embeddings
 
 
 @dataclass

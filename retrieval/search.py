@@ -1,0 +1,54 @@
+"""``crossmetric search``: query images embedded by the one embedding loop (PyTorch or ONNX Runtime), searched in a
+saved index."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from ..inference.embedding import embed_images, model_reference
+from ..inference.loading import load_embedder
+from .hub import DEFAULT_SUBFOLDER
+from .index import EmbeddingIndex
+
+logger = logging.getLogger(__name__)
+
+
+def search_images(
+    model: str | os.PathLike,
+    index: str | os.PathLike | None,
+    images: list[str],
+    top_k: int = 5,
+    *,
+    backend: str = "torch",
+    device: str | torch.device | None = None,
+) -> list[list[dict[str, Any]]]:
+    """The ``top_k`` nearest entries of ``index`` (a folder or Hub id; default the model's own ``index/``) for each
+    query image, embedded by ``model`` (an exported folder or Hub id) with the ``torch`` or ``onnx`` backend. Same
+    results format as the ``image-retrieval`` pipeline; a query that cannot be decoded is a ``ValueError``."""
+    embedder, processor = load_embedder(model, backend=backend)
+    where = getattr(embedder, "folder", None) or os.fspath(model)  # ONNX Runtime: the resolved (downloaded) folder
+    if index is None:
+        try:
+            found = EmbeddingIndex.from_pretrained(where, subfolder=DEFAULT_SUBFOLDER)
+        except FileNotFoundError as error:
+            message = f"the model {os.fspath(model)!r} has no {DEFAULT_SUBFOLDER}/ folder: pass --index."
+            raise ValueError(message) from error
+    else:
+        found = EmbeddingIndex.from_pretrained(index)
+    dim = embedder.config.embedding_dim
+    if found.dim != dim:
+        raise ValueError(
+            f"the index holds {found.dim}-dimensional embeddings but the model makes {dim}-dimensional ones: use the "
+            "index built with this model."
+        )
+    built_with = found.model.get("fingerprint")
+    if built_with and built_with != model_reference(embedder).get("fingerprint"):
+        logger.warning("The index was built with a different model: scores may be meaningless.")
+    result = embed_images(embedder, processor, list(images), device=device, progress=False)
+    if len(result.kept) != len(images):
+        raise ValueError(f"query image(s) could not be decoded: {', '.join(result.skipped.files)}.")
+    return found.search(result.embeddings, k=top_k)
