@@ -1,4 +1,5 @@
-"""The shape of the code the restructure promised: no import cycle among the package's modules, no file over 400 lines.
+"""The shape of the code: the layers of docs/design.md §2 (import-linter's contract in pyproject.toml), no import cycle
+among the package's modules, no file over 400 lines.
 
 Imports inside functions count too (a lazy import is still a dependency), as do relative imports.
 """
@@ -6,10 +7,16 @@ Imports inside functions count too (a lazy import is still a dependency), as do 
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_FOLDERS = ("modeling", "utils", "data", "training", "evaluation", "retrieval", "hub", "cli", "model_cards")
+PACKAGE_FOLDERS = (
+    "modeling", "utils", "data", "inference", "evaluation", "model_cards", "training", "hub", "retrieval", "cli",
+)  # fmt: skip
 
 
 def package_modules() -> dict[str, Path]:
@@ -74,6 +81,20 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if node not in index:
             visit(node)
     return found
+
+
+def test_every_package_keeps_to_its_layer() -> None:
+    """`lint-imports` (as .ci/run runs it): each top-level package imports only from the layers below it."""
+    if shutil.which("lint-imports") is None:
+        pytest.skip("import-linter is not installed (pip install -e '.[dev]')")
+    done = subprocess.run(["lint-imports", "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "1 kept, 0 broken" in done.stdout
+
+
+def test_every_top_level_package_is_a_layer() -> None:
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert packages == set(PACKAGE_FOLDERS)
 
 
 def test_no_import_cycle_among_the_package_modules() -> None:
