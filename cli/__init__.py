@@ -1,0 +1,1 @@
+"""The ``crossmetric`` command: one module per sub-command (``python -m crossmetric.cli``)."""

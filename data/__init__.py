@@ -1,2 +1,1 @@
-"""Data: DML datasets and class-disjoint splits, the standard benchmarks, the embedded glyphs and emoji, robust image
-decoding, transforms and the P×K sampler (imports nothing of the package but ``modeling`` and ``utils``)."""
+"""Data: DML datasets and splits, standard benchmarks, embedded glyphs and emoji, decoding, transforms, sampler."""

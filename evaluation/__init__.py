@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics, exact kNN, the evaluator, baselines, the re-ranking probe, reports, attention maps."""

@@ -1,0 +1,1 @@
+"""Hub: ``crossmetric export`` of a run or checkpoint, the ONNX export and its check, push to the Hub."""

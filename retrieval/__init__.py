@@ -1,0 +1,1 @@
+"""Retrieval: embedding index (exact or faiss), calibration, gallery embedding, search, the pipeline, Hub sharing."""

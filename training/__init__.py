@@ -1,1 +1,1 @@
-"""Training side: data, samplers, losses, trainer, metrics, export, Hub, model card, CLI."""
+"""Training: trainer, config and recipes, losses, model selection, checkpointing, optimization, the run's export."""

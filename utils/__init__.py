@@ -1,0 +1,1 @@
+"""Utilities for every layer: atomic file writes, test-only fault points."""
