@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import yaml
 
+from ..inference.loading import resolve_model
+from ..inference.run_folder import TRAINING_CONFIG_FILE, find_training_checkpoint
 from ..modeling.modeling_crossmetric import CrossMetricModel
 from .evaluator import embed_split, raw_pixel_features
 
@@ -31,9 +33,6 @@ Features = Callable[[Any], tuple[np.ndarray, np.ndarray]]
 
 def _training_config_file(model: str) -> Path | None:
     """The ``training_config.yaml`` of a model argument (export, run, checkpoint or Hub id), or None."""
-    from ..inference.loading import resolve_model
-    from ..inference.run_folder import TRAINING_CONFIG_FILE, find_training_checkpoint
-
     kind, where = resolve_model(model)
     if kind == "export":
         return Path(where) / TRAINING_CONFIG_FILE

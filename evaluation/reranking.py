@@ -20,6 +20,8 @@ import torch
 
 from ..data.dml_dataset import label_array
 from ..inference.embedding import EvalTransform, embed_images, embeddings_and_head_tokens
+from ..inference.loading import load_training_checkpoint
+from ..inference.run_folder import find_training_checkpoint
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning
 from .reports import nearest_neighbours
 
@@ -44,8 +46,6 @@ def rerank_source(ns: argparse.Namespace) -> str | None:
         return None
     if ns.rerank_top_k < 2:
         raise ValueError(f"--rerank_top_k must be >= 2 (a re-ranking needs candidates), got {ns.rerank_top_k}.")
-    from ..inference.run_folder import find_training_checkpoint
-
     source = ns.checkpoint or ns.model
     try:
         find_training_checkpoint(source)
@@ -59,8 +59,6 @@ def rerank_source(ns: argparse.Namespace) -> str | None:
 
 def load_reranker(source: str) -> CrossMetricForMetricLearning:
     """The training model of ``source``, checked to have a head whose pair similarities are defined."""
-    from ..inference.loading import load_training_checkpoint
-
     model = load_training_checkpoint(source)
     if model.head is None:
         raise ValueError(f"{source} was trained without the head (cia_levels=0): there is nothing to re-rank with.")
