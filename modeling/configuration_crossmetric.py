@@ -34,6 +34,7 @@ HEAD_FIELDS = (
     "cia_loss_weight",
     "cia_level_weights",
     "cia_token_stride",
+    "cia_detach",
 )
 
 
@@ -90,6 +91,9 @@ class CrossMetricConfig(PretrainedConfig):
             coarse for "which parts" to mean anything). 0, or a stride at least the last stage's, takes the last
             feature map (the exported embedder's own tokens, no projection: the behaviour before this field).
             Training only: the exported embedder is the same for every value.
+        cia_detach: the head sees detached tokens and embeddings, so its pair loss trains the head alone and never
+            the backbone or the embedding layer (the embedder then trains as with the head off; the head is a
+            re-ranker, and reaches the embedding only through a transfer term, if one is set).
         projection_dim: always equal to ``embedding_dim``, written to ``config.json`` because sentence-transformers
             reads the embedding size of a ``pooler_output`` model from ``projection_dim``.
     """
@@ -117,6 +121,7 @@ class CrossMetricConfig(PretrainedConfig):
         cia_loss_weight: float = 1.0,
         cia_level_weights: list[float] | None = None,
         cia_token_stride: int = 16,
+        cia_detach: bool = False,
         projection_dim: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -141,6 +146,7 @@ class CrossMetricConfig(PretrainedConfig):
         self.cia_loss_weight = cia_loss_weight
         self.cia_level_weights = list(cia_level_weights) if cia_level_weights is not None else None
         self.cia_token_stride = cia_token_stride
+        self.cia_detach = cia_detach
         self.projection_dim = embedding_dim if projection_dim is None else projection_dim
         self._validate()
         super().__init__(**kwargs)
@@ -175,6 +181,7 @@ class CrossMetricConfig(PretrainedConfig):
                 f"None or a list of cia_levels={self.cia_levels} weights >= 0",
             ),
             ("cia_token_stride", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: the last feature map)"),
+            ("cia_detach", lambda v: isinstance(v, bool), "True or False"),
             ("projection_dim", lambda v: v == self.embedding_dim, f"equal to embedding_dim={self.embedding_dim}"),
         ]
         for field, is_valid, expected in rules:

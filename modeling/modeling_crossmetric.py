@@ -229,7 +229,10 @@ class CrossMetricForMetricLearning(CrossMetricPreTrainedModel):
         similarities: tuple[torch.Tensor, ...] = ()
         attentions = None
         if self.head is not None:
-            head_output = self.head(embeddings, head_tokens, output_attentions=output_attentions)
+            if self.config.cia_detach:  # the head's loss trains the head alone (docs/design.md §1)
+                head_output = self.head(embeddings.detach(), head_tokens.detach(), output_attentions=output_attentions)
+            else:
+                head_output = self.head(embeddings, head_tokens, output_attentions=output_attentions)
             similarities, attentions = head_output.similarities, head_output.attentions
         loss = None
         if labels is not None:

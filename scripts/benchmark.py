@@ -40,6 +40,35 @@ ROWS: dict[str, dict[str, Any]] = {
     # the head's token stage (the recipe's is stride 16: 4×4 at 64 px): stride 8 (8×8) and the last map (2×2)
     "cia_token_stride_8": {"cia_token_stride": 8},
     "cia_token_stride_last": {"cia_token_stride": 0},
+    # issue 20, the transfer from the head to the embedding: a lighter head (lambda), the head on detached tokens
+    # (its loss never reaches the embedder: a re-ranker), and the head's similarities taught to the embedding
+    "cia_lambda_0.1": {"cia_loss_weight": 0.1},
+    "cia_lambda_0.3": {"cia_loss_weight": 0.3},
+    "cia_detach": {"cia_detach": True},
+    "cia_distill_kl": {"cia_distill_weight": 50.0},  # S2SD's defaults (T = 1, weight 50) on today's head
+    "cia_detach_distill_kl": {"cia_detach": True, "cia_distill_weight": 50.0},
+    "cia_detach_distill_listwise": {
+        "cia_detach": True,
+        "cia_distill_weight": 50.0,
+        "cia_distill_form": "listwise",
+        "cia_distill_temperature": 0.1,
+        "cia_distill_top_k": 8,
+        "cia_distill_warmup_steps": 60,
+    },  # fmt: skip
+    "cia_detach_distill_margin": {
+        "cia_detach": True,
+        "cia_distill_weight": 10.0,
+        "cia_distill_form": "margin_mse",
+        "cia_distill_warmup_steps": 60,
+    },  # fmt: skip
+    "cia_lambda_0.1_distill_listwise": {
+        "cia_loss_weight": 0.1,
+        "cia_distill_weight": 50.0,
+        "cia_distill_form": "listwise",
+        "cia_distill_temperature": 0.1,
+        "cia_distill_top_k": 8,
+        "cia_distill_warmup_steps": 60,
+    },  # fmt: skip
 }
 CONTROLS = ("cia_query_self", "cia_query_shuffled")  # conditioning is shown only where CIA beats both (§4)
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi")
@@ -57,7 +86,7 @@ def run_arguments(row: str, seed: int, args: argparse.Namespace, extra: list[str
         "--progress",
         "False",
         "--export",
-        str(seed == args.seeds[0] and row in ("baseline", "cia")),
+        str(seed == args.seeds[0] and row in ("baseline", args.head_row)),
     ]
     if args.data_dir:
         command += ["--data_dir", args.data_dir]
@@ -157,20 +186,20 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append("Paired per-seed differences (points), mean ± standard error:")
     lines.append("")
     lines.append(
-        "| row | metric | vs zero-shot | per seed | vs baseline | per seed | vs cia | per seed |\n"
+        f"| row | metric | vs zero-shot | per seed | vs baseline | per seed | vs {results['head_row']} | per seed |\n"
         "| --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     for row, data in results["rows"].items():
         for metric in ("recall@1", "map@r"):
             cells = []
-            for versus in ("zero_shot", "baseline", "cia"):
+            for versus in ("zero_shot", "baseline", results["head_row"]):
                 diff = data["paired"].get(versus, {}).get(metric)
                 cells += ["–", "–"] if diff is None else [
                     f"{diff['mean'] * 100:+.2f} ± {diff['standard_error'] * 100:.2f}",
                     ", ".join(f"{d * 100:+.1f}" for d in diff["differences"]),
                 ]  # fmt: skip
             lines.append(f"| {row} | {metric} | " + " | ".join(cells) + " |")
-    controls = results["rows"]["cia"]["paired"].get("controls", {})
+    controls = results["rows"].get(results["head_row"], {}).get("paired", {}).get("controls", {})
     if controls:
         lines += ["", "CIA − each control (points), paired per seed, mean ± standard error:", ""]
         lines.append("| control | metric | CIA − control | per seed |\n| --- | --- | --- | --- |")
@@ -183,10 +212,11 @@ def markdown(results: dict[str, Any]) -> str:
                 )
     cost = results["cost"]
     lines.append("")
-    lines.append(
-        f"Training step time, head on / head off: {cost['step_time_ratio']:.3f}. "
-        f"Exported-model inference time, CIA / baseline: {cost['inference']['ratio']:.3f}."
-    )
+    if cost["step_time_ratio"] is not None:
+        lines.append(
+            f"Training step time, {results['head_row']} / head off: {cost['step_time_ratio']:.3f}. "
+            f"Exported-model inference time, {results['head_row']} / baseline: {cost['inference']['ratio']:.3f}."
+        )
     lines.append(f"Wall time: {results['wall_seconds'] / 60:.1f} min on {results['device']}.")
     return "\n".join(lines)
 
@@ -200,13 +230,17 @@ def main() -> int:
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/benchmark"))
     parser.add_argument("--parallel", type=int, default=1, help="training processes at once")
     parser.add_argument("--rerun", action="store_true", help="train again even where a summary exists")
+    parser.add_argument("--head_row", default="cia", help="the head row that other rows and controls pair with")
+    parser.add_argument(
+        "--controls", nargs="*", default=list(CONTROLS), help="control rows to pair the head row against"
+    )
     args, extra = parser.parse_known_args()
     extra = [e for e in extra if e != "--"]
-    for needed in ("baseline", "cia"):
-        if needed not in args.rows:
-            parser.error(f"--rows must include {needed!r}: the cost ratios compare it with the other")
+    if "baseline" not in args.rows:
+        parser.error("--rows must include 'baseline' (head off): every row is paired against it")
+    head, controls = args.head_row, args.controls
     started = time.perf_counter()
-    jobs = [(row, seed) for seed in args.seeds for row in args.rows]
+    jobs = [(row, seed) for row in args.rows for seed in args.seeds]  # row by row: finished rows can be read early
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         summaries = dict(zip(jobs, pool.map(lambda job: train(*job, args, extra), jobs)))
     rows: dict[str, Any] = {}
@@ -231,14 +265,19 @@ def main() -> int:
         }
         rows[row]["selected_steps"] = [summaries[(row, seed)]["best"]["step"] for seed in args.seeds]
     for row in args.rows:  # every head variant against the recipe's head, seed by seed
-        if row not in ("baseline", "cia"):
-            rows[row]["paired"]["cia"] = paired_metrics(rows[row], rows["cia"])
-    rows["cia"]["paired"]["controls"] = {
-        control: paired_metrics(rows["cia"], rows[control]) for control in CONTROLS if control in rows
-    }
+        if row not in ("baseline", head) and head in rows:
+            rows[row]["paired"][head] = paired_metrics(rows[row], rows[head])
+    if head in rows:
+        rows[head]["paired"]["controls"] = {
+            control: paired_metrics(rows[head], rows[control]) for control in controls if control in rows
+        }
     runs = args.output_dir / "runs"
-    inference = inference_ratio(
-        runs / f"baseline-seed{args.seeds[0]}" / "model", runs / f"cia-seed{args.seeds[0]}" / "model"
+    inference = (
+        inference_ratio(
+            runs / f"baseline-seed{args.seeds[0]}" / "model", runs / f"{head}-seed{args.seeds[0]}" / "model"
+        )
+        if head in rows
+        else None
     )
     import torch
 
@@ -250,13 +289,15 @@ def main() -> int:
         "floors": {"raw_pixels": raw_pixel_metrics(args.dataset, args.data_dir), "zero_shot": zero_shot},
         "rows": rows,
         "cost": {
-            "step_time_ratio": rows["cia"]["median_step_seconds"] / rows["baseline"]["median_step_seconds"],
+            "step_time_ratio": rows[head]["median_step_seconds"] / rows["baseline"]["median_step_seconds"]
+            if head in rows
+            else None,
             "inference": inference,
         },
-        "gain_recall@1": rows["cia"]["recall@1"]["mean"] - rows["baseline"]["recall@1"]["mean"],
-        "every_cia_seed_above_baseline_mean": all(
-            v > rows["baseline"]["recall@1"]["mean"] for v in rows["cia"]["recall@1"]["values"]
-        ),
+        "head_row": head,
+        "gain_recall@1": rows[head]["recall@1"]["mean"] - rows["baseline"]["recall@1"]["mean"]
+        if head in rows
+        else None,
         "wall_seconds": time.perf_counter() - started,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
         "command": " ".join(sys.argv),

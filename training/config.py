@@ -107,6 +107,22 @@ class TrainingConfig:
     cia_token_stride: int = field(
         default=16, metadata={"help": "head keys/values from the backbone stage of this stride; 0: last map"}
     )
+    cia_detach: bool = field(
+        default=False,
+        metadata={"help": "train the head on detached tokens: its loss never reaches the embedder (a re-ranker)"},
+    )
+    cia_distill_weight: float = field(
+        default=0.0, metadata={"help": "weight of the transfer from the head's similarities to the embedding's"}
+    )
+    cia_distill_form: str = field(
+        default="kl", metadata={"help": "transfer form: kl (S2SD), listwise (top-k KL) or margin_mse"}
+    )
+    cia_distill_temperature: float = field(default=1.0, metadata={"help": "transfer softmax temperature"})
+    cia_distill_top_k: int = field(default=8, metadata={"help": "candidates per row of the listwise transfer"})
+    cia_distill_level: int = field(default=-1, metadata={"help": "head level that teaches (-1: the last)"})
+    cia_distill_warmup_steps: int = field(
+        default=0, metadata={"help": "steps over which the transfer's weight rises from 0"}
+    )
     # loss
     loss: str = field(
         default="multi_similarity", metadata={"help": "base loss (see crossmetric.training.losses.registry)"}
@@ -196,6 +212,18 @@ class TrainingConfig:
         need(0 <= self.hflip <= 1, f"--hflip={self.hflip} must be a probability")
         need(0 < self.scale_min <= 1, f"--scale_min={self.scale_min} must lie in (0, 1]")
         need(self.save_total_limit >= 1, "--save_total_limit must be >= 1")
+        need(self.cia_distill_weight >= 0, f"--cia_distill_weight={self.cia_distill_weight} must be >= 0")
+        need(
+            self.cia_distill_form in ("kl", "listwise", "margin_mse"),
+            f"--cia_distill_form={self.cia_distill_form!r} must be kl, listwise or margin_mse",
+        )
+        need(self.cia_distill_temperature > 0, f"--cia_distill_temperature={self.cia_distill_temperature} must be > 0")
+        need(self.cia_distill_top_k >= 1, f"--cia_distill_top_k={self.cia_distill_top_k} must be >= 1")
+        need(
+            -max(1, self.cia_levels) <= self.cia_distill_level < max(1, self.cia_levels),
+            f"--cia_distill_level={self.cia_distill_level} must index one of the {self.cia_levels} levels (-1: last)",
+        )
+        need(self.cia_distill_warmup_steps >= 0, "--cia_distill_warmup_steps must be >= 0")
         run_name = self.run_name or self.run_directory.relative_to(self.output_dir).as_posix()
         need(
             _stays_inside(run_name),

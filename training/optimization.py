@@ -66,3 +66,14 @@ def freeze_unreached_head_parameters(
     if frozen:
         logger.info("%d head parameters reach no loss term (lambda * w_l = 0): frozen.", len(frozen))
     return frozen
+
+
+def clip_groups(model: nn.Module, unwrapped: CrossMetricForMetricLearning, detach: bool) -> list[list[nn.Parameter]]:
+    """Parameters whose gradient norm is clipped together: all of them, or, with a detached head (``cia_detach``),
+    the embedder and the head apart, so that the head's gradient cannot rescale the embedder's: the embedder then
+    trains exactly as with the head off. ``model`` may be wrapped (DDP); ``unwrapped`` is the same model unwrapped."""
+    if not (detach and unwrapped.head is not None):
+        return [list(model.parameters())]
+    head = {id(p) for p in unwrapped.head.parameters()}
+    parameters = list(model.parameters())
+    return [[p for p in parameters if id(p) not in head], [p for p in parameters if id(p) in head]]

@@ -36,7 +36,7 @@ from .config import TrainingConfig
 from .distributed import all_gather_labels, all_gather_with_gradient
 from .embedding_init import initialize_embedding_from_features
 from .model_selection import ModelSelection, add_validation_split
-from .optimization import batchnorm_layers, build_optimizer, freeze_batchnorm_parameters
+from .optimization import batchnorm_layers, build_optimizer, clip_groups, freeze_batchnorm_parameters
 from .optimization import freeze_unreached_head_parameters as freeze_unreached_head
 from .recipes import fit_recipe
 from .result import TrainingResult
@@ -228,7 +228,8 @@ class CrossMetricTrainer:
                 output = self._loss(batch)
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients and c.max_grad_norm:
-                    accelerator.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+                    for parameters in clip_groups(self.model, accelerator.unwrap_model(self.model), c.cia_detach):
+                        accelerator.clip_grad_norm_(parameters, c.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -269,6 +270,7 @@ class CrossMetricTrainer:
             gathered_embeddings=gathered if query_index is not None else None,
             gathered_labels=gathered_labels if query_index is not None else None,
             query_index=query_index,
+            step=self.global_step,
         )
 
     def _set_train_mode(self) -> None:
@@ -285,6 +287,7 @@ class CrossMetricTrainer:
             "loss": float(output.loss.item()),
             "base_loss": float(output.base_loss.item()),
             "level_losses": [float(v.item()) for v in output.level_losses],
+            **({} if output.distill_loss is None else {"distill_loss": float(output.distill_loss.item())}),
             "learning_rates": [group["lr"] for group in self.optimizer.param_groups],
         }
         self._append_log(record)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .head_distillation import HeadDistillationLoss
 from .pair_losses import MultiSimilarityLoss, PairLoss
 from .proxy_losses import ProxyLoss
 
@@ -25,11 +26,13 @@ class ObjectiveOutput:
         loss: the scalar to backpropagate.
         base_loss: the base loss on the unconditional embeddings.
         level_losses: the pair loss of each head level, unweighted (detached where λ · w_l = 0); for logging.
+        distill_loss: the transfer term from the head to the embedding, unweighted; None when it is off.
     """
 
     loss: torch.Tensor
     base_loss: torch.Tensor
     level_losses: list[torch.Tensor] = field(default_factory=list)
+    distill_loss: torch.Tensor | None = None
 
 
 class CrossImageAttentionObjective(nn.Module):
@@ -45,6 +48,11 @@ class CrossImageAttentionObjective(nn.Module):
         loss_weight: λ (``CrossMetricConfig.cia_loss_weight``); 0 makes the objective the baseline's.
         level_weights: w_l per level (``CrossMetricConfig.level_weights``); ``None`` weighs every level 1. Its
             length must match the number of levels the head gives, unless it gives none (head off).
+        distillation: a :class:`~crossmetric.training.losses.head_distillation.HeadDistillationLoss` that pulls the
+            unconditional similarities toward one level's detached conditional ones (the transfer), or None.
+        distill_weight: its weight; 0 (or no distillation) leaves the objective exactly as without it.
+        distill_level: which level teaches (an index into the levels; -1: the last).
+        distill_warmup_steps: the transfer's weight rises linearly from 0 over these steps (the head starts random).
 
     The proxies of a proxy base loss are parameters of this module (``objective.parameters()``, its
     ``state_dict``), so the trainer can give them their own learning rate and checkpoint them; they are never part
@@ -75,6 +83,10 @@ class CrossImageAttentionObjective(nn.Module):
         pair_loss: nn.Module | None = None,
         loss_weight: float = 1.0,
         level_weights: Sequence[float] | None = None,
+        distillation: HeadDistillationLoss | None = None,
+        distill_weight: float = 0.0,
+        distill_level: int = -1,
+        distill_warmup_steps: int = 0,
     ):
         super().__init__()
         if not isinstance(base_loss, (PairLoss, ProxyLoss)):
@@ -97,6 +109,14 @@ class CrossImageAttentionObjective(nn.Module):
         self.pair_loss = pair_loss
         self.loss_weight = float(loss_weight)
         self.level_weights = None if level_weights is None else [float(w) for w in level_weights]
+        if distill_weight < 0 or distill_warmup_steps < 0:
+            raise ValueError(
+                f"distill_weight {distill_weight} and distill_warmup_steps {distill_warmup_steps} must be >= 0"
+            )
+        self.distillation = distillation if distill_weight > 0 else None
+        self.distill_weight = float(distill_weight)
+        self.distill_level = int(distill_level)
+        self.distill_warmup_steps = int(distill_warmup_steps)
 
     def forward(
         self,
@@ -107,6 +127,7 @@ class CrossImageAttentionObjective(nn.Module):
         gathered_embeddings: torch.Tensor | None = None,
         gathered_labels: torch.Tensor | None = None,
         query_index: torch.Tensor | None = None,
+        step: int | None = None,
     ) -> ObjectiveOutput:
         """Compute the objective.
 
@@ -119,6 +140,7 @@ class CrossImageAttentionObjective(nn.Module):
             gathered_labels: N labels of all processes; required with ``gathered_embeddings``.
             query_index: B column indices of this process's rows in the gathered embeddings; required with
                 ``gathered_embeddings`` for a pair base loss.
+            step: the optimizer step, for the transfer's warm-up (None: past it).
         """
         if gathered_embeddings is not None and gathered_labels is None:
             raise ValueError("gathered_embeddings needs gathered_labels (the labels all-gathered the same way)")
@@ -145,7 +167,18 @@ class CrossImageAttentionObjective(nn.Module):
             level_loss = self.pair_loss(similarities, labels)
             level_losses.append(level_loss)
             loss = loss + scale * level_loss
-        return ObjectiveOutput(loss=loss, base_loss=base, level_losses=level_losses)
+        distill_loss = None
+        if self.distillation is not None and conditional_similarities:
+            teacher = conditional_similarities[self.distill_level]
+            distill_loss = self.distillation(embeddings @ embeddings.T, teacher, labels)  # local pairs, as the head's
+            loss = loss + self.distill_scale(step) * distill_loss
+        return ObjectiveOutput(loss=loss, base_loss=base, level_losses=level_losses, distill_loss=distill_loss)
+
+    def distill_scale(self, step: int | None) -> float:
+        """The transfer's weight at ``step``: rising linearly over the warm-up, then ``distill_weight``."""
+        if step is None or self.distill_warmup_steps == 0:
+            return self.distill_weight
+        return self.distill_weight * min(1.0, step / self.distill_warmup_steps)
 
     def _base(
         self,
@@ -171,4 +204,8 @@ class CrossImageAttentionObjective(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"loss_weight={self.loss_weight}, level_weights={self.level_weights}"
+        return (
+            f"loss_weight={self.loss_weight}, level_weights={self.level_weights}, "
+            f"distill_weight={self.distill_weight}, distill_level={self.distill_level}, "
+            f"distill_warmup_steps={self.distill_warmup_steps}"
+        )

@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from .cia_objective import CrossImageAttentionObjective, ObjectiveOutput
+from .head_distillation import HeadDistillationLoss
 from .pair_losses import CircleLoss, ContrastiveLoss, MultiSimilarityLoss, PairLoss
 from .proxy_losses import NormalizedSoftmaxLoss, ProxyAnchorLoss, ProxyLoss
 
@@ -89,6 +90,7 @@ def build_objective(
     embedding_dim: int | None = None,
     loss_kwargs: Mapping[str, Any] | None = None,
     pair_loss_kwargs: Mapping[str, Any] | None = None,
+    transfer: Mapping[str, Any] | None = None,
 ) -> CrossImageAttentionObjective:
     """The CIA objective from loss names: base ``loss``, conditional ``pair_loss``, λ and w_l.
 
@@ -99,6 +101,8 @@ def build_objective(
         loss_weight, level_weights: λ and w_l.
         num_classes, embedding_dim: sizes for a proxy base loss.
         loss_kwargs, pair_loss_kwargs: hyperparameters of each loss (e.g. ``{"margin": None}``).
+        transfer: the head-to-embedding transfer: ``distillation``, ``distill_weight``, ``distill_level``,
+            ``distill_warmup_steps`` of :class:`CrossImageAttentionObjective`.
     """
     base = build_loss(loss, num_classes=num_classes, embedding_dim=embedding_dim, **dict(loss_kwargs or {}))
     pair = None
@@ -110,15 +114,25 @@ def build_objective(
                 f"of embeddings: choose one of {', '.join(pair_names)}"
             )
         pair = build_loss(pair_loss, **dict(pair_loss_kwargs or {}))
-    return CrossImageAttentionObjective(base, pair, loss_weight=loss_weight, level_weights=level_weights)
+    return CrossImageAttentionObjective(
+        base, pair, loss_weight=loss_weight, level_weights=level_weights, **dict(transfer or {})
+    )
 
 
 def objective_from_config(config: Any, num_classes: int | None = None) -> CrossImageAttentionObjective:
     """:func:`build_objective` from a config object with the fields of ``TrainingConfig``.
 
-    Reads ``loss``, ``cia_pair_loss``, ``cia_loss_weight``, ``cia_level_weights``, ``embedding_dim`` and, when
-    present, ``loss_kwargs`` / ``cia_pair_loss_kwargs`` (dicts of hyperparameters).
+    Reads ``loss``, ``cia_pair_loss``, ``cia_loss_weight``, ``cia_level_weights``, ``embedding_dim``, the
+    ``cia_distill_*`` transfer fields and, when present, ``loss_kwargs`` / ``cia_pair_loss_kwargs``.
     """
+    distill_weight = float(getattr(config, "cia_distill_weight", 0.0) or 0.0)
+    distillation = None
+    if distill_weight > 0:
+        distillation = HeadDistillationLoss(
+            form=getattr(config, "cia_distill_form", "kl"),
+            temperature=getattr(config, "cia_distill_temperature", 1.0),
+            top_k=getattr(config, "cia_distill_top_k", 8),
+        )
     return build_objective(
         loss=config.loss,
         pair_loss=getattr(config, "cia_pair_loss", "multi_similarity"),
@@ -128,4 +142,10 @@ def objective_from_config(config: Any, num_classes: int | None = None) -> CrossI
         embedding_dim=config.embedding_dim,
         loss_kwargs=getattr(config, "loss_kwargs", None),
         pair_loss_kwargs=getattr(config, "cia_pair_loss_kwargs", None),
+        transfer={
+            "distillation": distillation,
+            "distill_weight": distill_weight,
+            "distill_level": int(getattr(config, "cia_distill_level", -1)),
+            "distill_warmup_steps": int(getattr(config, "cia_distill_warmup_steps", 0) or 0),
+        },
     )
