@@ -59,6 +59,7 @@ def main(argv: Sequence[str]) -> int:
             "selection_split": result.selection_split,
             "best": result.best_metrics,
             "validation": result.validation_curve,
+            "reranker": result.reranker,
         }
         write_atomic(result.run_directory / "summary.json", json.dumps(summary, indent=2))
         label = {"test": " (selected on test: the literature's optimistic protocol)", None: " (the last model)"}

@@ -7,6 +7,8 @@
       log.jsonl                 one JSON record per logged step, evaluation ("eval") and report ("zero_shot", "final")
       summary.json              what ``crossmetric train`` printed, as JSON
       best/                     the embedder selected on the validation split (``save_embedder``)
+      best-head.safetensors     the head saved with it (never exported with the embedder)
+      reranker/                 that head as a re-ranker, its fusion chosen on validation (``training/reranker_fit.py``)
       model/                    the export: the selected embedder, its card, metrics and training config
       checkpoints/
         training_config.yaml
@@ -37,6 +39,7 @@ TRAINING_CONFIG_FILE = "training_config.yaml"
 LOG_FILE = "log.jsonl"
 SUMMARY_FILE = "summary.json"
 BEST_FOLDER = "best"
+BEST_HEAD_FILE = "best-head.safetensors"  # the head at the selected step, beside RUN/best (never exported with it)
 EXPORT_FOLDER = "model"
 CHECKPOINTS_FOLDER = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"

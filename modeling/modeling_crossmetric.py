@@ -26,6 +26,7 @@ from .configuration_crossmetric import CrossMetricConfig
 from .cross_image_attention import NEW_LAYER_FLAG, CrossImageAttentionHead, init_new_layer, mark_new_layers
 from .image_processing_crossmetric import build_image_processor
 from .multi_similarity import multi_similarity_loss
+from .reranking_crossmetric import CrossMetricReranker, CrossMetricRerankerConfig, embed_with_tokens
 
 
 @dataclass
@@ -198,23 +199,7 @@ class CrossMetricForMetricLearning(CrossMetricPreTrainedModel):
         pass (timm's ``feature_info`` names the module), so the exported embedder computes exactly what it computes
         here. The grid is (H', W') of the captured map, or None when the head takes the embedder's own tokens.
         """
-        captured: list[torch.Tensor] = []
-        handle = None
-        if self.head_token_stage is not None:
-            module = self.embedder.backbone.get_submodule(self.head_token_stage)
-            handle = module.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
-        try:
-            tokens, embeddings = self.embedder(pixel_values, return_dict=False)
-        finally:
-            if handle is not None:
-                handle.remove()
-        if not captured:  # the embedder's own tokens (their grid: evaluation.attention_maps.token_grid)
-            return tokens, embeddings, tokens, None
-        feature_map = captured[-1]
-        if feature_map.dim() != 4:
-            raise ValueError(f"stage {self.head_token_stage} gave features of shape {tuple(feature_map.shape)}.")
-        grid = (int(feature_map.shape[-2]), int(feature_map.shape[-1]))
-        return tokens, embeddings, feature_map.flatten(2).transpose(1, 2), grid
+        return embed_with_tokens(self.embedder, pixel_values, self.head_token_stage)
 
     def forward(
         self,
@@ -246,6 +231,25 @@ class CrossMetricForMetricLearning(CrossMetricPreTrainedModel):
             last_hidden_state=tokens,
             attentions=attentions,
         )
+
+    def to_reranker(self, alpha: float = 0.0, reranks: bool = True, validation: dict | None = None):
+        """The head as a :class:`CrossMetricReranker` (a copy of its weights), with the fusion chosen on validation."""
+        if self.head is None or self.head.query_mode == "shuffled":
+            raise ValueError(
+                "only a model trained with the head (cia_levels > 0) and cia_query 'other' or 'self' has a re-ranker"
+            )
+        token_dim = self.head.levels[0].token_norm.normalized_shape[0]
+        if self.head.token_projection is not None:
+            token_dim = self.head.token_projection.in_features
+        config = CrossMetricRerankerConfig(
+            embedding_dim=self.config.embedding_dim, token_dim=token_dim, token_stage=self.head_token_stage,
+            cia_levels=self.config.cia_levels, cia_heads=self.config.cia_heads, cia_dim=self.config.cia_dim,
+            cia_mlp_ratio=self.config.cia_mlp_ratio, cia_query=self.config.cia_query, alpha=alpha, reranks=reranks,
+            validation=validation,
+        )  # fmt: skip
+        reranker = CrossMetricReranker(config)
+        reranker.head.load_state_dict(self.head.state_dict())
+        return reranker.eval()
 
     def save_embedder(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
         """Export the embedder alone (no head weights) with its image processor and remote code, atomically.

@@ -125,3 +125,32 @@ def test_a_transfer_run_logs_its_term_and_exports_no_head_keys(shapes, tmp_path)
     export = result.export()
     with safe_open(export / "model.safetensors", "pt") as weights:
         assert not [k for k in weights.keys() if k.startswith("head.")]
+
+
+def test_a_run_with_the_head_writes_a_reranker_chosen_on_validation(tmp_path) -> None:
+    """RUN/reranker: the selected head as a CrossMetricReranker, alpha and the validation figures in its config."""
+    from crossmetric.modeling.reranking_crossmetric import CrossMetricReranker
+
+    shapes = make_shapes_folder(tmp_path / "shapes", num_classes=16, per_class=4)
+    config = tiny_config(
+        dataset=str(shapes), output_dir=str(tmp_path / "out"), num_epochs=2, cia_detach=True, reranker_top_k=5,
+        validation_fraction=0.25, export=False,
+    )  # fmt: skip
+    with one_thread():
+        result = CrossMetricTrainer(config).train()
+    assert result.selection_split == "validation" and result.reranker is not None
+    reranker = CrossMetricReranker.from_pretrained(result.run_directory / "reranker")
+    assert reranker.config.alpha == result.reranker["alpha"]
+    assert reranker.config.reranks == result.reranker["reranks"]
+    assert set(reranker.config.validation) >= {"recall@1", "rerank/recall@1", "rerank/recall@1_head_only"}
+    assert (result.run_directory / "best-head.safetensors").is_file()
+    head = load_file(result.run_directory / "best-head.safetensors")
+    for key, value in reranker.head.state_dict().items():
+        assert torch.equal(value, head[key]), key
+
+
+def test_a_head_off_run_has_no_reranker(shapes, tmp_path) -> None:
+    config = tiny_config(dataset=str(shapes), output_dir=str(tmp_path), num_epochs=1, cia_levels=0, export=False)
+    with one_thread():
+        result = CrossMetricTrainer(config).train()
+    assert result.reranker is None and not (result.run_directory / "reranker").exists()

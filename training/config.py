@@ -120,6 +120,10 @@ class TrainingConfig:
     cia_distill_temperature: float = field(default=1.0, metadata={"help": "transfer softmax temperature"})
     cia_distill_top_k: int = field(default=8, metadata={"help": "candidates per row of the listwise transfer"})
     cia_distill_level: int = field(default=-1, metadata={"help": "head level that teaches (-1: the last)"})
+    reranker_top_k: int = field(
+        default=20,
+        metadata={"help": "candidates per query when choosing the re-ranker's fusion on validation; 0: none"},
+    )
     cia_distill_warmup_steps: int = field(
         default=0, metadata={"help": "steps over which the transfer's weight rises from 0"}
     )

@@ -10,14 +10,15 @@ validation split is kept in ``RUN/best`` and restored at the end, and only then 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ..data.dml_dataset import carve_validation, label_array
-from ..inference.run_folder import BEST_FOLDER
+from ..inference.run_folder import BEST_FOLDER, BEST_HEAD_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +65,20 @@ class ModelSelection:
             return False
         self.best = {**metrics, "step": step}
         model.save_embedder(self.directory)
+        if getattr(model, "head", None) is not None:  # the re-ranker must match the embedder it re-ranks for
+            head_file = self.directory.parent / BEST_HEAD_FILE
+            partial = head_file.with_name(f".{head_file.name}.partial")
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, partial)
+            os.replace(partial, head_file)
         return True
 
     def restore(self, model: Any) -> None:
-        """Load the best embedder's weights into ``model.embedder`` (the exported model is the selected one)."""
+        """Load the best embedder's weights into ``model.embedder`` (the exported model is the selected one), and the
+        head saved with it into ``model.head``."""
         model.embedder.load_state_dict(load_file(self.directory / "model.safetensors"), strict=True)
+        head_file = self.directory.parent / BEST_HEAD_FILE
+        if getattr(model, "head", None) is not None and head_file.is_file():
+            model.head.load_state_dict(load_file(head_file), strict=True)
         if self.best is not None:  # known on the main process, which evaluated the candidates
             logger.info(
                 "restored the model of step %s (%s %.4f)", self.best["step"], self.metric, self.best[self.metric]

@@ -57,6 +57,7 @@ class TrainingResult:
     recipe: list[str] = field(default_factory=list)  # what the recipe chose and why
     model: CrossMetricForMetricLearning | None = None  # the training model, with the selected weights
     config: TrainingConfig | None = None  # the run's configuration, as the recipe completed it
+    reranker: dict[str, Any] | None = None  # the re-ranker's fusion chosen on validation (RUN/reranker), if any
 
     def export(self) -> Path:
         """Write ``RUN/model``: the selected embedder (no head weights), its card, metrics and training config."""

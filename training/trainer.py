@@ -39,6 +39,7 @@ from .model_selection import ModelSelection, add_validation_split
 from .optimization import batchnorm_layers, build_optimizer, clip_groups, freeze_batchnorm_parameters
 from .optimization import freeze_unreached_head_parameters as freeze_unreached_head
 from .recipes import fit_recipe
+from .reranker_fit import fit_run_reranker
 from .result import TrainingResult
 
 logger = logging.getLogger(__name__)
@@ -99,14 +100,10 @@ class CrossMetricTrainer:
 
         self.objective = objective_from_config(config, num_classes=num_classes)
         sampler_arguments = dict(
-            labels=self.dataset["train"]["label"],
-            batch_size=config.batch_size,
-            samples_per_class=config.samples_per_class,
-            seed=config.seed,
-            num_replicas=self.accelerator.num_processes,
-            rank=self.accelerator.process_index,
-            small_classes=config.small_classes,
-        )
+            labels=self.dataset["train"]["label"], batch_size=config.batch_size, seed=config.seed,
+            samples_per_class=config.samples_per_class, num_replicas=self.accelerator.num_processes,
+            rank=self.accelerator.process_index, small_classes=config.small_classes,
+        )  # fmt: skip
         self.sampler = ClassBalancedBatchSampler(**sampler_arguments)
         if config.steps_per_epoch and config.steps_per_epoch < len(self.sampler):  # a cap, not a floor
             self.sampler = ClassBalancedBatchSampler(
@@ -200,6 +197,10 @@ class CrossMetricTrainer:
         accelerator.wait_for_everyone()
         if self.selection_evaluator is not None:  # every process continues with the selected weights (from disk:
             self.selection.restore(accelerator.unwrap_model(self.model))  # only the main process knows which)
+        self.reranker = None  # the selected head, its fusion chosen on validation (RUN/reranker): main process only
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(self.model)
+            self.reranker = fit_run_reranker(model, self.dataset, self.selection_split, c, accelerator.device)
         metrics = self._evaluate(self.test_evaluator, record="final")
         for tracker in accelerator.trackers:  # not end_training(): the caller may still need the process group
             tracker.finish()
@@ -207,7 +208,7 @@ class CrossMetricTrainer:
         return TrainingResult(
             self.run_directory, self.global_step, metrics, self.selection.best, self.history, train_seconds, None,
             median_step, self.zero_shot, self.selection_split, self.validation_curve, self.recipe,
-            accelerator.unwrap_model(self.model), c,
+            accelerator.unwrap_model(self.model), c, self.reranker,
         )  # fmt: skip
 
     def _train_epoch(self) -> None:
