@@ -28,6 +28,8 @@ _LAZY_EXPORTS: dict[str, str] = {
     "TrainingConfig": ".training.config",
     "CrossMetricTrainer": ".training.trainer",
     "push_to_hub": ".hub.push",
+    "CrossMetricReranker": ".modeling.reranking_crossmetric",
+    "RerankFeatures": ".modeling.reranker_inputs",
 }
 
 __all__ = [

@@ -18,11 +18,10 @@ import torch
 from ..evaluation.rerank_fusion import candidate_scores, choose_fusion
 from ..evaluation.reranking import head_inputs
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning
+from ..modeling.reranking_crossmetric import RERANKER_FOLDER
 from ..utils.atomic_files import staged_directory
 
 logger = logging.getLogger(__name__)
-
-RERANKER_FOLDER = "reranker"
 
 
 def reranker_unavailable_reason(model: CrossMetricForMetricLearning, selection_split: str | None) -> str | None:
