@@ -2,7 +2,8 @@
 
 The folder is the one a run writes at its end (``TrainingResult.export()``): the same card, sentence-transformers files
 and metrics (:mod:`crossmetric.model_cards.run_card`), with the run's log and state read back from its folder
-(:mod:`crossmetric.inference.run_folder`) instead of taken from the trainer.
+(:mod:`crossmetric.inference.run_folder`) instead of taken from the trainer. A model trained with the head also gets
+its re-ranker in ``reranker/`` (:mod:`crossmetric.training.reranker_export`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,19 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from ..inference.loading import load_training_checkpoint
-from ..inference.run_folder import BEST_FOLDER, find_run_folder, find_training_checkpoint, read_log, read_state
+from ..inference.run_folder import (
+    BEST_FOLDER,
+    BEST_HEAD_FILE,
+    find_run_folder,
+    find_training_checkpoint,
+    read_log,
+    read_state,
+)
 from ..model_cards.model_card import write_model_card
 from ..model_cards.run_card import card_data_for_run, export_files
 from ..modeling.modeling_crossmetric import save_embedder
 from ..training.config import TrainingConfig
+from ..training.reranker_export import export_reranker, reranker_card, reranker_writer
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +60,21 @@ def export_checkpoint(
     ]
     metrics = evals[-1] if evals else None
     selected = Path(run_or_checkpoint) / BEST_FOLDER / "model.safetensors"
-    if checkpoint != Path(run_or_checkpoint) and selected.is_file():  # a run folder that selected a model
+    is_selected = checkpoint != Path(run_or_checkpoint) and selected.is_file()  # a run folder that selected a model
+    if is_selected:
         model.embedder.load_state_dict(load_file(selected), strict=True)
+        best_head = Path(run_or_checkpoint) / BEST_HEAD_FILE  # the head saved with the selected embedder
+        if model.head is not None and best_head.is_file():
+            model.head.load_state_dict(load_file(best_head), strict=True)
         metrics = state.get("best_metrics") or metrics
         logger.info("exporting the model the run selected, not its latest checkpoint: %s", metrics)
     data = card_data_for_run(config, model.config, history, metrics)
-    directory = save_embedder(model.embedder, output_dir, extra_files=export_files(data, metrics))
+    run = Path(run_or_checkpoint) if is_selected else None
+    reranker = export_reranker(model, run, selected=is_selected, checkpoint=None if is_selected else checkpoint)
+    if reranker is not None:
+        data.reranker = reranker_card(reranker[0], model.embedder)
+    write = reranker_writer(*reranker) if reranker is not None else None
+    directory = save_embedder(model.embedder, output_dir, extra_files=export_files(data, metrics), write_extra=write)
     if onnx:
         from .onnx_export import export_onnx_for_run
 

@@ -128,6 +128,7 @@ class CrossMetricModelCardData:
     citations: list[str] = field(default_factory=list)  # extra BibTeX entries (e.g. of the loss)
     onnx: dict[str, Any] | None = None  # the ONNX export's check (training/onnx_export.py), when onnx/ was written
     model_selection: str | None = None  # how the exported model was chosen (validation split, best-on-test, last)
+    reranker: dict[str, Any] | None = None  # the head shipped in reranker/ (training/reranker_export.py), when it is
 
     @classmethod
     def from_config(cls, config: Any, **fields: Any) -> CrossMetricModelCardData:

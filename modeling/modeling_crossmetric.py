@@ -10,6 +10,7 @@ import copy
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,12 +266,14 @@ def save_embedder(
     embedder: CrossMetricModel,
     save_directory: str | os.PathLike,
     extra_files: dict[str, str] | None = None,
+    write_extra: Callable[[Path], object] | None = None,
     **kwargs: Any,
 ) -> Path:
     """Export ``embedder`` to ``save_directory`` atomically (see :meth:`CrossMetricForMetricLearning.save_embedder`).
 
     ``extra_files`` (name -> text, e.g. the model card ``README.md`` and ``metrics.json``) are written into the same
-    staging folder, so they appear together with the weights or not at all.
+    staging folder, so they appear together with the weights or not at all; so does whatever ``write_extra`` writes
+    into the staging folder it is given (e.g. ``reranker/``).
     """
     target = Path(save_directory)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -287,6 +290,8 @@ def save_embedder(
             if Path(name).name != name or name in ("", ".", ".."):
                 raise ValueError(f"extra file name {name!r} must be a plain file name inside the export folder.")
             (staging / name).write_text(text, encoding="utf-8")
+        if write_extra is not None:
+            write_extra(staging)
         replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -14,6 +14,7 @@ from ..inference.run_folder import EXPORT_FOLDER
 from ..model_cards.run_card import card_data_for_run, export_files
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, save_embedder
 from .config import TrainingConfig
+from .reranker_export import export_reranker, reranker_card, reranker_writer
 
 
 def export_run(
@@ -24,7 +25,7 @@ def export_run(
     history: Sequence[dict[str, Any]] = (),
 ) -> Path:
     """Write ``run_directory/model``: weights without the head, config, preprocessing, model card, metrics and
-    training config.
+    training config; with the head, its re-ranker in ``reranker/`` (:mod:`.reranker_export`), in the same staging.
 
     Takes plain values (not the trainer), so that export does not depend on the trainer's internals: ``model`` is
     the training model (possibly wrapped by accelerate/DDP/``torch.compile``) or its embedder, ``config`` the
@@ -35,8 +36,12 @@ def export_run(
     model = extract_model_from_parallel(model)
     embedder = model.embedder if isinstance(model, CrossMetricForMetricLearning) else model
     data = card_data_for_run(config, embedder.config, list(history), metrics)
+    reranker = export_reranker(model, Path(run_directory), selected=True)  # RUN/reranker, or the head unfused
+    if reranker is not None:
+        data.reranker = reranker_card(reranker[0], embedder)
     files = export_files(data, metrics, training_config=config)
-    return save_embedder(embedder, Path(run_directory) / EXPORT_FOLDER, extra_files=files)
+    write = reranker_writer(*reranker) if reranker is not None else None
+    return save_embedder(embedder, Path(run_directory) / EXPORT_FOLDER, extra_files=files, write_extra=write)
 
 
 @dataclass
