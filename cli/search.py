@@ -1,6 +1,10 @@
 """``crossmetric search``: the gallery images nearest to query images, from a saved index.
 
-    crossmetric search --model MODEL --index INDEX query.jpg [more.jpg ...] [--top_k 5] [--json]
+    crossmetric search --model MODEL --index INDEX query.jpg [more.jpg ...] [--top_k 5] [--json] [--rerank_top_k 20]
+
+``--rerank_top_k K`` re-scores each query's K nearest with the model's re-ranker (``reranker/``) on the head tokens
+the index stores; items past K keep the embedding's order (``retrieval/reranking.py``). A model without a re-ranker,
+and ``--backend onnx`` (whose graph outputs the embedding only), are refused before any model is loaded.
 
 Exit codes: 0 success, 2 bad input (a clear message on stderr, before any model is loaded).
 """
@@ -13,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..inference.loading import resolve_model
+from ..inference.reranker_loading import require_reranker
+from ..retrieval.reranking import check_rerank_top_k
 from .arguments import add_backend_argument, add_device_argument, parse_and_run, report_error
 from .logging_setup import add_log_level_argument
 
@@ -28,6 +34,11 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("images", nargs="+", help="query image files")
     parser.add_argument("--top_k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print one JSON object per query")
+    parser.add_argument(
+        "--rerank_top_k", type=int, default=None,
+        help="re-rank each query's K nearest with the model's re-ranker (a model trained with the head); the rest "
+        "keep the embedding's order",
+    )  # fmt: skip
     add_device_argument(parser)
     add_backend_argument(parser)
     return add_log_level_argument(parser)
@@ -48,12 +59,28 @@ def run_search(ns: argparse.Namespace) -> int:
         missing = [image for image in ns.images if not Path(image).is_file()]
         if missing:
             raise ValueError(f"query image(s) not found: {', '.join(missing)}.")
+        rerank_top_k = None
+        if ns.rerank_top_k is not None:
+            rerank_top_k = check_rerank_top_k(ns.rerank_top_k, "--rerank_top_k")
+            if ns.backend == "onnx":
+                raise ValueError(
+                    "--rerank_top_k needs --backend torch: the ONNX graph outputs the embedding, not the head's tokens."
+                )
+            require_reranker(ns.model, "--rerank_top_k")
         device = ns.device
         if device is None:
             import torch
 
             device = "cuda" if torch.cuda.is_available() and ns.backend == "torch" else "cpu"
-        results = search_images(str(model), ns.index, list(ns.images), ns.top_k, backend=ns.backend, device=device)
+        results = search_images(
+            str(model),
+            ns.index,
+            list(ns.images),
+            ns.top_k,
+            backend=ns.backend,
+            device=device,
+            rerank_top_k=rerank_top_k,
+        )
     except (ValueError, FileNotFoundError, ImportError) as error:
         return report_error("search", error)
     for image, hits in zip(ns.images, results):
@@ -63,7 +90,12 @@ def run_search(ns: argparse.Namespace) -> int:
         print(image)
         for rank, hit in enumerate(hits, 1):
             label = f"  [{hit['label']}]" if hit["label"] is not None else ""
-            print(f"  {rank:>3}. {hit['score']:.4f}  {hit['id']}{label}")
+            reranked = (
+                f"  (re-ranked: head {hit['head_score']:.4f}, cosine {hit['cosine']:.4f})"
+                if hit.get("reranked")
+                else ""
+            )
+            print(f"  {rank:>3}. {hit['score']:.4f}  {hit['id']}{label}{reranked}")
     return 0
 
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..data.image_loading import SkippedImages, describe_source, load_rgb_image
 from ..data.transforms import build_transform
+from ..modeling.reranking_crossmetric import embed_with_tokens
 from ..utils.fault_points import fault_point
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,17 @@ def embeddings_and_head_tokens(model: Any, pixel_values: torch.Tensor) -> Output
     head's tokens (B×T×C')."""
     _, embeddings, tokens, _ = model.forward_head_inputs(pixel_values)
     return {"embeddings": embeddings, "tokens": tokens}
+
+
+def embeddings_and_reranker_tokens(token_stage: str | None) -> Forward:
+    """The forward that gives, from one backbone pass of an exported embedder (``CrossMetricModel``), its embeddings
+    and the tokens its re-ranker reads (``token_stage``: the re-ranker config's; ``embed_with_tokens``)."""
+
+    def forward(model: Any, pixel_values: torch.Tensor) -> Outputs:
+        _, embeddings, tokens, _ = embed_with_tokens(model, pixel_values, token_stage)
+        return {"embeddings": embeddings, "tokens": tokens}
+
+    return forward
 
 
 class EmbeddedImages(NamedTuple):

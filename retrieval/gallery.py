@@ -30,9 +30,11 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from ..data.image_loading import list_image_files
-from ..inference.embedding import embed_images, model_reference
+from ..inference.embedding import embed_images, embeddings_and_reranker_tokens, model_reference, pooler_output
 from ..inference.loading import load_embedder
+from ..inference.reranker_loading import find_reranker, no_reranker_message, reranker_config
 from ..utils.atomic_files import write_atomic
+from .head_tokens import HeadTokens
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +134,32 @@ EMBED_OPTIONS = frozenset(
         "image_column",
         "label_column",
         "id_column",
+        "head_tokens",
     }
 )
+
+
+def tokens_to_store(model: Any, head_tokens: bool | None, backend: str) -> tuple[str | None] | None:
+    """``(token_stage,)`` when the gallery's head tokens are to be stored (for re-ranking), else None.
+
+    ``head_tokens`` None stores them when the model (an exported folder or Hub id) has a re-ranker; True requires it;
+    False never stores them. The ONNX backend gives the embedding only, so it stores none (and True is refused).
+    """
+    if head_tokens is False:
+        return None
+    location = find_reranker(model) if isinstance(model, (str, os.PathLike)) else None
+    if location is None:
+        if head_tokens:
+            raise ValueError(no_reranker_message(model, "head_tokens=True", "model"))
+        return None
+    if backend != "torch":
+        if head_tokens:
+            raise ValueError("head_tokens=True needs the torch backend: the ONNX graph outputs the embedding only.")
+        logger.info(
+            "Not storing the head's tokens: the ONNX backend gives the embedding only (re-ranking needs torch)."
+        )
+        return None
+    return (reranker_config(location).token_stage,)
 
 
 @dataclass
@@ -144,6 +170,7 @@ class Gallery:
         embeddings: float32, one L2-normalised row per decoded image.
         ids, labels, paths: per row (``labels``/``paths`` may be None as a whole).
         model: the reference of the model that embedded them (``embedding.model_reference``).
+        head_tokens: each row's head tokens (float16), for re-ranking, when the model has a re-ranker.
     """
 
     embeddings: np.ndarray
@@ -151,10 +178,14 @@ class Gallery:
     labels: list[str | None] | None
     paths: list[str | None] | None
     model: dict[str, Any]
+    head_tokens: HeadTokens | None = None
 
     @classmethod
-    def from_rows(cls, records: ImageRecords, embeddings: np.ndarray, rows: np.ndarray, model: dict) -> Gallery:
-        """The gallery of the embedded ``rows`` of ``records`` (unreadable rows are absent)."""
+    def from_rows(
+        cls, records: ImageRecords, embeddings: np.ndarray, rows: np.ndarray, model: dict, tokens: Any = None
+    ) -> Gallery:
+        """The gallery of the embedded ``rows`` of ``records`` (unreadable rows are absent); ``tokens``:
+        ``(token_stage, N×T×C array)`` of the same rows, or None."""
         pick = rows.tolist()
         return cls(
             embeddings,
@@ -162,6 +193,7 @@ class Gallery:
             [records.labels[i] for i in pick] if records.labels is not None else None,
             [records.paths[i] for i in pick] if records.paths is not None else None,
             model,
+            HeadTokens.from_array(tokens[1], tokens[0], len(pick)) if tokens is not None else None,
         )
 
 
@@ -184,30 +216,40 @@ def embed_gallery(
     label_column: str | None = "label",
     id_column: str | None = None,
     backend: str = "torch",
+    head_tokens: bool | None = None,
 ) -> Gallery:
     """Embed ``images`` (a folder or a dataset) with ``model`` (a folder, run, Hub id or model) in this process;
-    ``backend="onnx"`` embeds through ONNX Runtime (the folder's ``onnx/model.onnx``)."""
+    ``backend="onnx"`` embeds through ONNX Runtime (the folder's ``onnx/model.onnx``). With a model that has a
+    re-ranker, the same backbone pass also gives each image's head tokens, stored for re-ranking (see
+    :func:`tokens_to_store` for ``head_tokens``)."""
+    store = tokens_to_store(model, head_tokens, backend)
     embedder, processor = load_embedder(model, image_processor, backend=backend)
     records = as_records(images, image_column, label_column, id_column)
     result = embed_images(
         embedder, processor, records.sources, batch_size, device, progress,
         image_column=records.image_column, num_workers=num_workers,
+        forward=embeddings_and_reranker_tokens(store[0]) if store else pooler_output,
     )  # fmt: skip
-    return Gallery.from_rows(records, result.embeddings, result.kept, model_reference(embedder))
+    tokens = (store[0], result.extras["tokens"]) if store else None
+    return Gallery.from_rows(records, result.embeddings, result.kept, model_reference(embedder), tokens)
 
 
-def _save_shard(directory: Path, rank: int, embeddings: np.ndarray, rows: np.ndarray, skipped: list[str]) -> None:
+def _save_shard(
+    directory: Path, rank: int, embeddings: np.ndarray, rows: np.ndarray, skipped: list[str], tokens: Any = None
+) -> None:
     """Write one process's shard atomically (the JSON last: it marks the shard complete)."""
     tensors = {"embeddings": np.ascontiguousarray(embeddings, dtype=np.float32), "rows": rows.astype(np.int64)}
+    if tokens is not None:
+        tensors["tokens"] = np.ascontiguousarray(tokens, dtype=np.float16)
     write_atomic(directory / f"shard-{rank:05d}.safetensors", lambda path: save_file(tensors, str(path)))
     write_atomic(
         directory / f"shard-{rank:05d}.json", json.dumps({"rank": rank, "count": len(rows), "skipped": skipped})
     )
 
 
-def _merge_shards(directory: Path, world: int) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate all shards and restore the original row order."""
-    embeddings, rows = [], []
+def _merge_shards(directory: Path, world: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Concatenate all shards and restore the original row order (and the head tokens', when stored)."""
+    embeddings, rows, tokens = [], [], []
     for rank in range(world):
         shard = directory / f"shard-{rank:05d}.safetensors"
         if not shard.is_file() or not (directory / f"shard-{rank:05d}.json").is_file():
@@ -215,6 +257,8 @@ def _merge_shards(directory: Path, world: int) -> tuple[np.ndarray, np.ndarray]:
         tensors = load_file(str(shard))
         embeddings.append(tensors["embeddings"])
         rows.append(tensors["rows"])
+        if "tokens" in tensors and tensors["tokens"].size:
+            tokens.append(tensors["tokens"])
     all_rows = np.concatenate(rows)
     nonempty = [e for e in embeddings if e.size]
     if not nonempty:
@@ -222,7 +266,7 @@ def _merge_shards(directory: Path, world: int) -> tuple[np.ndarray, np.ndarray]:
     dim = nonempty[0].shape[1]
     stacked = np.concatenate([e.reshape(-1, dim) for e in embeddings])
     order = np.argsort(all_rows, kind="stable")
-    return stacked[order], all_rows[order]
+    return stacked[order], all_rows[order], np.concatenate(tokens)[order] if tokens else None
 
 
 def embed_gallery_distributed(
@@ -234,8 +278,8 @@ def embed_gallery_distributed(
 ) -> tuple[Gallery | None, int]:
     """Embed ``images`` with every process of ``accelerator``; return ``(gallery, item count)`` on the main
     process and ``(None, item count)`` on the others. ``options`` are :func:`embed_gallery`'s (``batch_size``,
-    ``progress``, ``num_workers``, ``image_column``, ``label_column``, ``id_column``, ``backend``), with the same
-    defaults; the device is the accelerator's.
+    ``progress``, ``num_workers``, ``image_column``, ``label_column``, ``id_column``, ``backend``,
+    ``head_tokens``), with the same defaults; the device is the accelerator's.
 
     Each process embeds every ``num_processes``-th row starting at its ``process_index`` and writes its shard to
     ``shards`` (a folder every process sees); the main process merges them in the original order and removes
@@ -249,6 +293,7 @@ def embed_gallery_distributed(
     o = bound.arguments
     rank, world = accelerator.process_index, accelerator.num_processes
     records = as_records(images, o["image_column"], o["label_column"], o["id_column"])  # same order everywhere
+    store = tokens_to_store(model, o["head_tokens"], o["backend"])
     embedder, processor = load_embedder(model, backend=o["backend"])
     if accelerator.is_main_process:
         shutil.rmtree(shards, ignore_errors=True)
@@ -259,17 +304,19 @@ def embed_gallery_distributed(
         result = embed_images(
             embedder, processor, records.subset(mine), o["batch_size"], accelerator.device,
             o["progress"] and accelerator.is_main_process, image_column=records.image_column,
-            num_workers=o["num_workers"],
-            allow_empty=True, desc=f"Embedding images (process {rank}/{world})",
+            num_workers=o["num_workers"], allow_empty=True, desc=f"Embedding images (process {rank}/{world})",
+            forward=embeddings_and_reranker_tokens(store[0]) if store else pooler_output,
         )  # fmt: skip
-        _save_shard(shards, rank, result.embeddings, mine[result.kept], result.skipped.files)
+        tokens = result.extras.get("tokens") if store else None
+        _save_shard(shards, rank, result.embeddings, mine[result.kept], result.skipped.files, tokens)
     else:
         _save_shard(shards, rank, np.zeros((0, 0), np.float32), mine, [])
     accelerator.wait_for_everyone()
     gallery = None
     if accelerator.is_main_process:
-        embeddings, rows = _merge_shards(shards, world)
-        gallery = Gallery.from_rows(records, embeddings, rows, model_reference(embedder))
+        embeddings, rows, tokens = _merge_shards(shards, world)
+        stored = (store[0], tokens) if store and tokens is not None else None
+        gallery = Gallery.from_rows(records, embeddings, rows, model_reference(embedder), stored)
         shutil.rmtree(shards, ignore_errors=True)
     accelerator.wait_for_everyone()
     return gallery, len(records)

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .head_tokens import HEAD_TOKENS_FILE
 from .storage import EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE
 
 DEFAULT_SUBFOLDER = "index"  # where an index lives inside a model folder or model repo
@@ -74,7 +75,8 @@ def index_folder(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
-    patterns = ["/".join((*c, f)) for c in candidates for f in (METADATA_FILE, EMBEDDINGS_FILE, INDEX_FILE)]
+    files = (METADATA_FILE, EMBEDDINGS_FILE, INDEX_FILE, HEAD_TOKENS_FILE)  # the tokens only where stored
+    patterns = ["/".join((*c, f)) for c in candidates for f in files]
     try:
         snapshot = snapshot_download(
             name, revision=revision, allow_patterns=patterns, token=token, cache_dir=cache_dir, repo_type="model"

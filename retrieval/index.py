@@ -13,9 +13,9 @@ The search setting of an approximate index (``ef_search``, ``nprobe``) is, unles
 when the index is built: the smallest one whose recall@10 against exact search reaches ``target_recall`` (0.95)
 on a sample (see :mod:`.calibration` for why no fixed default works).
 
-A saved index is a folder of three files, none of them a pickle (see :mod:`.storage`), written next to its
-target and swapped in, so an interrupted save leaves the previous one readable; :meth:`EmbeddingIndex.load`
-checks that the three files agree before anything is searched.
+A saved index is a folder of three files (a fourth with the head's tokens for re-ranking, :mod:`.head_tokens`), none
+of them a pickle (see :mod:`.storage`), written next to its target and swapped in, so an interrupted save leaves the
+previous one readable; :meth:`EmbeddingIndex.load` checks that the files agree before anything is searched.
 
 Around it: :mod:`.storage`, :mod:`.calibration`, :mod:`.hub`, and :mod:`.gallery` (embedding; it does not import this).
 """
@@ -37,6 +37,7 @@ from safetensors.numpy import save_file
 
 from ..utils.atomic_files import staged_directory
 from .calibration import calibrate, calibration_split, search_steps, set_search_param
+from .head_tokens import HeadTokens
 from .storage import (
     EMBEDDINGS_FILE,
     EMBEDDINGS_KEY,
@@ -116,6 +117,7 @@ class EmbeddingIndex:
         target_recall: the recall@10 the calibration aims for (default 0.95).
         model: a reference to the model that made the embeddings (see ``embedding.model_reference``).
         calibration: the record of an earlier calibration (kept when loading a saved index).
+        head_tokens: each item's head tokens, for re-ranking (:class:`~.head_tokens.HeadTokens`), or None.
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class EmbeddingIndex:
         target_recall: float = DEFAULT_TARGET_RECALL,
         model: dict[str, Any] | None = None,
         calibration: dict[str, Any] | None = None,
+        head_tokens: HeadTokens | None = None,
         _faiss_index: Any = None,
     ) -> None:
         if kind not in KINDS:
@@ -148,17 +151,14 @@ class EmbeddingIndex:
         self.paths = _string_list(paths, count, "paths", allow_none=True)
         self.kind = kind
         self.model = dict(model or {})
+        self.head_tokens = HeadTokens.rows_checked(head_tokens, count)
         if kind == "ivf":
             nlist = default_nlist(count) if nlist is None else int(nlist)
             if not 1 <= nlist <= count:
                 raise ValueError(f"nlist={nlist} must be between 1 and the number of embeddings ({count}).")
-        self.params: dict[str, int | None] = (
-            {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
-            if kind == "hnsw"
-            else {"nlist": nlist, "nprobe": nprobe}
-            if kind == "ivf"
-            else {}
-        )
+        hnsw = {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
+        ivf = {"nlist": nlist, "nprobe": nprobe}
+        self.params: dict[str, int | None] = hnsw if kind == "hnsw" else ivf if kind == "ivf" else {}
         self.calibration: dict[str, Any] | None = dict(calibration) if calibration else None
         self.faiss_index = _faiss_index if _faiss_index is not None else self._build(target_recall)
         self._apply_search_params(self.faiss_index, self.params.get("ef_search"), self.params.get("nprobe"))
@@ -166,7 +166,8 @@ class EmbeddingIndex:
     @classmethod
     def from_gallery(cls, gallery: Any, kind: str = "exact", **kwargs: Any) -> EmbeddingIndex:
         """The index over a :class:`~.gallery.Gallery` (embedded images and metadata); ``kwargs``: index settings."""
-        return cls(gallery.embeddings, gallery.ids, gallery.labels, gallery.paths, kind, model=gallery.model, **kwargs)
+        options = {"model": gallery.model, "head_tokens": gallery.head_tokens, **kwargs}
+        return cls(gallery.embeddings, gallery.ids, gallery.labels, gallery.paths, kind, **options)
 
     @classmethod
     def from_folder(
@@ -316,6 +317,7 @@ class EmbeddingIndex:
             "ids": self.ids,
             "labels": self.labels,
             "paths": self.paths,
+            "head_tokens": self.head_tokens.info() if self.head_tokens is not None else None,
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -327,6 +329,8 @@ class EmbeddingIndex:
             faiss.write_index(self.faiss_index, str(staging / INDEX_FILE))
             save_file({EMBEDDINGS_KEY: self.embeddings}, str(staging / EMBEDDINGS_FILE), metadata={"format": "np"})
             (staging / METADATA_FILE).write_text(json.dumps(self.metadata(), ensure_ascii=False), encoding="utf-8")
+            if self.head_tokens is not None:
+                self.head_tokens.save(staging)
         return target
 
     @classmethod
@@ -357,18 +361,13 @@ class EmbeddingIndex:
                 "different saves. Rebuild the index."
             )
         params = meta.get("params") or {}
+        tokens = HeadTokens.load(folder, meta["head_tokens"], count) if meta.get("head_tokens") else None
         try:
             return cls(
-                embeddings,
-                meta["ids"],
-                meta.get("labels"),
-                meta.get("paths"),
-                kind,
+                embeddings, meta["ids"], meta.get("labels"), meta.get("paths"), kind,
                 **{k: params[k] for k in ("ef_search", "nprobe", "nlist", "hnsw_m", "ef_construction") if k in params},
-                model=meta.get("model"),
-                calibration=meta.get("calibration"),
-                _faiss_index=index,
-            )
+                model=meta.get("model"), calibration=meta.get("calibration"), head_tokens=tokens, _faiss_index=index,
+            )  # fmt: skip
         except (ValueError, TypeError) as error:
             raise IndexFormatError(f"{folder / METADATA_FILE}: {error}") from error
 

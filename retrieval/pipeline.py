@@ -6,6 +6,8 @@ After :func:`register_retrieval_pipeline` (``import crossmetric`` calls it)::
     retrieve = pipeline("image-retrieval", model="path/to/export", index="path/to/index", top_k=5)
     retrieve("query.jpg")            # [{"id", "label", "score", "path"}, ...] best first
     retrieve(["a.jpg", "b.jpg"])     # one such list per image
+    # retrieve, then re-rank the 20 nearest with the model's re-ranker (reranker/) and the tokens the index stores
+    rerank = pipeline("image-retrieval", model="path/to/export", index="path/to/index", top_k=5, rerank_top_k=20)
 
 How the index reaches the pipeline: ``transformers.pipeline()`` hands every keyword it does not know itself to
 the pipeline class, whose ``_sanitize_parameters`` sorts them into preprocess / forward / postprocess parameters
@@ -13,6 +15,12 @@ the pipeline class, whose ``_sanitize_parameters`` sorts them into preprocess / 
 index folder, or a Hub repo id), ``top_k``, ``ef_search`` and ``nprobe`` are postprocess parameters;
 ``timeout`` (for image URLs) a preprocess one. Without ``index=``, the pipeline looks for an index in the model's
 own folder or repo under ``index/`` (see ``EmbeddingIndex.push_to_hub(repo_id, path_in_repo="index")``).
+
+``rerank_top_k`` (an integer >= 2) re-scores each query's K nearest with the model's re-ranker
+(:mod:`.reranking`: items past K keep the embedding's order); the re-ranker is the model's own ``reranker/``
+(folder or repo), or one passed as ``reranker=``. The query's single backbone pass then also gives the head's
+tokens. A model without a re-ranker, or an index without the head's tokens, is refused when the option is given,
+before any image is processed.
 
 The query embedding is the model's ``pooler_output`` (the L2-normalised embedding), so any model whose output
 has one works, not only crossmetric's.
@@ -31,6 +39,7 @@ from transformers import AutoModel, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from ..utils.atomic_files import write_atomic
+from .reranking import check_index_for_reranker, check_rerank_top_k, search_and_rerank
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +73,7 @@ class ImageRetrievalPipeline(Pipeline):
     """Embed each query image with the model and return its ``top_k`` nearest entries of the index.
 
     Keyword arguments (at construction or per call): ``index``, ``top_k`` (default 5), ``ef_search`` / ``nprobe``
-    (approximate indexes), ``timeout`` (seconds, for image URLs).
+    (approximate indexes), ``timeout`` (seconds, for image URLs), ``rerank_top_k`` and ``reranker`` (re-ranking).
     """
 
     _load_processor = False
@@ -77,6 +86,8 @@ class ImageRetrievalPipeline(Pipeline):
         self._check_image_processor()
         if self._postprocess_params.get("index") is None:
             self._postprocess_params["index"] = self._index_next_to_model()
+        if self._postprocess_params.get("rerank_top_k"):
+            check_index_for_reranker(self.index, self._postprocess_params["reranker"])
 
     @property
     def index(self) -> Any:
@@ -125,6 +136,24 @@ class ImageRetrievalPipeline(Pipeline):
             )
         return index
 
+    def _reranker_for(self, reranker: Any) -> Any:
+        """The re-ranker to use: ``reranker`` (a ``CrossMetricReranker``), else the model's own ``reranker/``, loaded
+        once with this pipeline's model as its embedder; a clear refusal when the model has none."""
+        from ..inference.reranker_loading import load_reranker, no_reranker_message, require_reranker
+        from ..modeling.reranking_crossmetric import CrossMetricReranker
+
+        if isinstance(reranker, CrossMetricReranker):
+            return reranker.set_embedder(self.model, self.image_processor)
+        if reranker is not None:
+            raise TypeError(f"reranker must be a CrossMetricReranker, got {type(reranker).__name__}.")
+        if getattr(self, "_own_reranker", None) is None:
+            source = getattr(self.model, "name_or_path", "") or getattr(self.model.config, "_name_or_path", "")
+            if not source:
+                raise ValueError(no_reranker_message("(unnamed model)", "rerank_top_k", "model"))
+            self._own_reranker = load_reranker(require_reranker(source, "rerank_top_k", "model"), embedder=self.model)
+            self._own_reranker.to(self.device)
+        return self._own_reranker
+
     def _sanitize_parameters(
         self,
         index: Any = None,
@@ -132,14 +161,24 @@ class ImageRetrievalPipeline(Pipeline):
         ef_search: int | None = None,
         nprobe: int | None = None,
         timeout: float | None = None,
+        rerank_top_k: int | None = None,
+        reranker: Any = None,
         **kwargs: Any,
     ) -> tuple[dict, dict, dict]:
         if kwargs:
             raise TypeError(f"image-retrieval got unexpected keyword arguments: {sorted(kwargs)}.")
         preprocess = {"timeout": timeout} if timeout is not None else {}
         postprocess: dict[str, Any] = {}
+        forward: dict[str, Any] = {}
         if index is not None:
             postprocess["index"] = self._check_index(_resolve_index(index))
+        if rerank_top_k is not None:  # checked before any image is processed
+            postprocess["rerank_top_k"] = check_rerank_top_k(rerank_top_k)
+            postprocess["reranker"] = self._reranker_for(reranker)
+            forward["token_stage"] = (postprocess["reranker"].config.token_stage,)
+            current = postprocess.get("index") or getattr(self, "_postprocess_params", {}).get("index")
+            if current is not None:  # else checked in __init__, once the index next to the model is found
+                check_index_for_reranker(current, postprocess["reranker"])
         if top_k is not None:
             if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
                 raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
@@ -147,7 +186,7 @@ class ImageRetrievalPipeline(Pipeline):
         for name, value in (("ef_search", ef_search), ("nprobe", nprobe)):
             if value is not None:
                 postprocess[name] = value
-        return preprocess, {}, postprocess
+        return preprocess, forward, postprocess
 
     def __call__(self, images: Any, **kwargs: Any) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         """Retrieve for one image (a path, URL or PIL image: one result list) or a list of them (a list of lists)."""
@@ -167,8 +206,16 @@ class ImageRetrievalPipeline(Pipeline):
         inputs = self.image_processor(images=decoded, return_tensors="pt")
         return {"pixel_values": inputs["pixel_values"].to(self.dtype or torch.float32)}
 
-    def _forward(self, model_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"embeddings": self.model(pixel_values=model_inputs["pixel_values"]).pooler_output}
+    def _forward(
+        self, model_inputs: dict[str, torch.Tensor], token_stage: tuple[str | None] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The embedding; when re-ranking (``token_stage``), the head's tokens too, from the same backbone pass."""
+        if token_stage is None:
+            return {"embeddings": self.model(pixel_values=model_inputs["pixel_values"]).pooler_output}
+        from ..modeling.reranking_crossmetric import embed_with_tokens
+
+        _, embeddings, tokens, _ = embed_with_tokens(self.model, model_inputs["pixel_values"], token_stage[0])
+        return {"embeddings": embeddings, "tokens": tokens}
 
     def postprocess(
         self,
@@ -177,8 +224,14 @@ class ImageRetrievalPipeline(Pipeline):
         top_k: int = DEFAULT_TOP_K,
         ef_search: int | None = None,
         nprobe: int | None = None,
+        rerank_top_k: int | None = None,
+        reranker: Any = None,
     ) -> list[dict[str, Any]]:
         embeddings = model_outputs["embeddings"].float().cpu().numpy()
+        if rerank_top_k:
+            tokens = model_outputs["tokens"].float().cpu().numpy()
+            options = {"ef_search": ef_search, "nprobe": nprobe}
+            return search_and_rerank(index, reranker, embeddings, tokens, top_k, rerank_top_k, **options)[0]
         return index.search(embeddings, k=top_k, ef_search=ef_search, nprobe=nprobe)[0]
 
 

@@ -5,7 +5,9 @@ Three files with fixed names (ids and paths are data and never become file names
 - ``metadata.json``: ``format_version``, ``kind``, ``metric``, ``dim``, ``count``, search ``params``, a ``model``
   reference, and the per-row ``ids``, ``labels`` and ``paths``;
 - ``embeddings.safetensors``: one float32 tensor ``embeddings`` of shape count × dim, L2-normalised rows;
-- ``index.faiss``: the faiss index (``faiss.write_index``) over the same vectors.
+- ``index.faiss``: the faiss index (``faiss.write_index``) over the same vectors;
+- with a model that has a re-ranker, ``head_tokens.safetensors``: each item's head tokens in float16, described in
+  ``metadata.json`` under ``head_tokens`` (see :mod:`.head_tokens`).
 
 Readers check that the three agree (counts, dimension, index type and metric, first and last vectors) and name
 the file at fault, so that a folder mixed from two saves fails before a search returns wrong neighbours. Writers
