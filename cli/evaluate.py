@@ -30,7 +30,8 @@ import torch
 
 from ..evaluation.baselines import BASELINES
 from ..evaluation.evaluator import Embedded, Evaluator
-from ..evaluation.reranking import add_rerank_argument, rerank_metrics, rerank_source
+from ..evaluation.rerank_metrics import rerank_report_line, rerank_summary
+from ..evaluation.reranking import RerankSource, add_rerank_argument, evaluate_reranking, rerank_source
 from ..inference.loading import load_embedder, load_training_checkpoint, resolve_model
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning, CrossMetricModel
 from ..utils.atomic_files import write_atomic
@@ -90,6 +91,7 @@ class EvaluationPlan:
     training_model: CrossMetricForMetricLearning | None
     evaluator: Evaluator  # the evaluated split (leave-one-out) or In-Shop's query and gallery splits, and the K
     output_dir: Path
+    rerank: RerankSource | None = None  # where --rerank_top_k's re-ranker comes from
 
 
 def _default_output_dir(ns: argparse.Namespace) -> Path:
@@ -121,7 +123,7 @@ def prepare(ns: argparse.Namespace) -> EvaluationPlan:
         resolve_model(ns.baseline_model, "--baseline_model")
     if ns.checkpoint and not Path(ns.checkpoint).is_dir():
         raise ValueError(f"--checkpoint {ns.checkpoint!r}: no such folder (pass a training run or checkpoint).")
-    rerank_source(ns)
+    rerank = rerank_source(ns)
     resolve_dataset_name(ns.dataset)
     dataset = load_dml_dataset(
         ns.dataset,
@@ -143,7 +145,7 @@ def prepare(ns: argparse.Namespace) -> EvaluationPlan:
             )
     embedder = load_embedder(ns.model)[0]
     baseline = load_embedder(ns.baseline_model, flag="--baseline_model")[0] if ns.baseline_model else None
-    return EvaluationPlan(embedder, baseline, training_model, evaluator, output_dir)
+    return EvaluationPlan(embedder, baseline, training_model, evaluator, output_dir, rerank)
 
 
 # ------------------------------------------------------------------------------------------------- running
@@ -154,6 +156,7 @@ def _write_report(
     rows: dict[str, Embedded],
     metrics: dict[str, dict[str, float]],
     skipped: dict[str, str],
+    rerank: str | None = None,
 ) -> Path:
     """``report/``: the pictures and ``report.md`` of every row (model, baseline model, raw pixels, zero-shot)."""
     from ..evaluation.report_writer import ReportContent, write_evaluation_report
@@ -171,6 +174,8 @@ def _write_report(
     if ns.checkpoint:
         details["attention checkpoint"] = ns.checkpoint
     details.update({name: f"skipped: {why}" for name, why in skipped.items()})
+    if rerank is not None:
+        details[f"re-ranking the {ns.rerank_top_k} nearest (base → re-ranked)"] = rerank
     title = f"Recall@K on {Path(str(ns.dataset)).name} ({evaluator.name})"
     content = ReportContent(evaluator, rows, metrics, details, title)
     attention = (plan.training_model, ns.attention_pairs, device) if plan.training_model is not None else None
@@ -185,10 +190,11 @@ def _write_report(
 
 
 def _print_metrics(metrics: dict[str, dict[str, float]]) -> None:
-    """The metrics table: one column per row of the report (model, baseline model, raw pixels, zero-shot)."""
+    """The metrics table: one column per row of the report (model, baseline model, raw pixels, zero-shot); the
+    re-ranking figures of the model follow it as "base → re-ranked" (``rerank_summary``)."""
     widths = {name: max(8, len(name)) for name in metrics}
     print(f"{'metric':<12}" + "".join(f" {name:>{widths[name]}}" for name in metrics))
-    for key in next(iter(metrics.values())):
+    for key in [key for key in next(iter(metrics.values())) if not key.startswith("rerank")]:
         values = "".join(f" {row.get(key, float('nan')):>{widths[name]}.4f}" for name, row in metrics.items())
         print(f"{key:<12}{values}")
 
@@ -203,7 +209,11 @@ def run_evaluate(ns: argparse.Namespace) -> int:
         return report_error("evaluate", error)
     device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     evaluator = plan.evaluator
-    rows = {"model": evaluator.embed(plan.embedder.to(device), device, ns.progress)}
+    rerank = evaluate_reranking(plan.rerank, evaluator, plan.embedder, ns, device) if plan.rerank else None
+    if rerank is not None and rerank.embedded is not None:  # the re-ranker's pass embedded the evaluated model
+        rows = {"model": rerank.embedded}
+    else:
+        rows = {"model": evaluator.embed(plan.embedder.to(device), device, ns.progress)}
     if plan.baseline is not None:
         rows["baseline"] = evaluator.embed(plan.baseline.to(device), device, ns.progress)
     features, skipped = baseline_features(
@@ -211,17 +221,19 @@ def run_evaluate(ns: argparse.Namespace) -> int:
     )
     rows.update({name: evaluator.embed_features(function) for name, function in features.items()})
     metrics = {name: evaluator.metrics(embedded) for name, embedded in rows.items()}
-    if ns.rerank_top_k:  # the head's conditional similarity re-ranks the top K (evaluation/reranking.py)
-        gallery = evaluator.gallery
-        metrics["model"].update(rerank_metrics(rerank_source(ns), evaluator.queries, gallery, ns, device))
+    if rerank is not None:  # the model's re-ranker re-scored each query's top K (evaluation/reranking.py)
+        metrics["model"].update(rerank.metrics)
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(plan.output_dir / "metrics.json", json.dumps(metrics["model"], indent=2))
     if "baseline" in metrics:
         write_atomic(plan.output_dir / "baseline_metrics.json", json.dumps(metrics["baseline"], indent=2))
     trivial = {name: metrics[name] for name in features}
     write_atomic(plan.output_dir / "baselines.json", json.dumps({**trivial, "skipped": skipped}, indent=2))
-    report = _write_report(plan, ns, device, rows, metrics, skipped)
+    line = rerank_report_line(rerank.metrics) if rerank is not None else None
+    report = _write_report(plan, ns, device, rows, metrics, skipped, line)
     _print_metrics(metrics)
+    if rerank is not None:
+        print("\n".join(rerank_summary(rerank.metrics, rerank.what)))
     for name, why in skipped.items():
         print(f"{name}: skipped ({why})")
     print(f"metrics written to {plan.output_dir / 'metrics.json'}; report in {report}")

@@ -63,7 +63,18 @@ def candidate_scores(
     last ``num_gallery`` rows are the gallery and the others the queries (In-Shop). The pairs are evaluated as a list
     (2·K pair states per query, not a batch's B²), chunk by chunk.
     """
-    head = head.eval().to(device)
+    query_ids, neighbours = candidate_neighbours(embeddings, top_k, num_gallery)
+    scores = head_scores(head, embeddings, tokens, query_ids, neighbours, device, queries_per_chunk)
+    normalized = torch.nn.functional.normalize(embeddings.float(), dim=1).numpy()
+    cosine = np.einsum("qd,qkd->qk", normalized[query_ids], normalized[neighbours])
+    return CandidateScores(query_ids, neighbours, scores, cosine.astype(np.float32), labels)
+
+
+def candidate_neighbours(
+    embeddings: torch.Tensor, top_k: int, num_gallery: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(query row ids, Q×K candidate row ids)``: each query's ``top_k`` nearest by the embedding (leave-one-out, or
+    against the last ``num_gallery`` rows), in the metrics' canonical tie order."""
     split = len(embeddings) - (num_gallery or 0)
     query_ids = np.arange(split if num_gallery else len(embeddings))
     gallery_offset = split if num_gallery else 0
@@ -71,8 +82,23 @@ def candidate_scores(
     neighbours, _ = nearest_neighbours(
         embeddings[query_ids].numpy(), embeddings[gallery_offset:].numpy(), top_k, self_ids=self_ids
     )
-    neighbours = neighbours + gallery_offset
-    head_scores = np.empty(neighbours.shape, dtype=np.float32)
+    return query_ids, neighbours + gallery_offset
+
+
+@torch.no_grad()
+def head_scores(
+    head: torch.nn.Module,
+    embeddings: torch.Tensor,
+    tokens: torch.Tensor,
+    query_ids: np.ndarray,
+    neighbours: np.ndarray,
+    device: torch.device | str = "cpu",
+    queries_per_chunk: int = 128,
+) -> np.ndarray:
+    """Q×K last-level head similarities ``S^L[q, c]`` of each query and its candidates, ``queries_per_chunk`` queries
+    at a time (each image's keys and values computed once per chunk)."""
+    head = head.eval().to(device)
+    scores = np.empty(neighbours.shape, dtype=np.float32)
     for start in range(0, len(query_ids), queries_per_chunk):
         chunk = neighbours[start : start + queries_per_chunk]
         first = np.repeat(query_ids[start : start + queries_per_chunk], chunk.shape[1])
@@ -82,10 +108,8 @@ def candidate_scores(
             embeddings[images].to(device).float(), tokens[images].to(device).float(), index[: len(first)],
             index[len(first) :],
         )[-1]  # fmt: skip
-        head_scores[start : start + len(chunk)] = last.view(chunk.shape).float().cpu().numpy()
-    normalized = torch.nn.functional.normalize(embeddings.float(), dim=1).numpy()
-    cosine = np.einsum("qd,qkd->qk", normalized[query_ids], normalized[neighbours])
-    return CandidateScores(query_ids, neighbours, head_scores, cosine.astype(np.float32), labels)
+        scores[start : start + len(chunk)] = last.view(chunk.shape).float().cpu().numpy()
+    return scores
 
 
 def choose_fusion(scores: CandidateScores, alphas: tuple[float, ...] = ALPHAS) -> dict:

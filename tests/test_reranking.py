@@ -1,5 +1,6 @@
-"""``crossmetric evaluate --rerank_top_k``: the head's last-level conditional similarity re-ranks each query's
-nearest neighbours, on a real tiny training run; Recall@1 before and after are the brute-force ones."""
+"""``crossmetric evaluate --rerank_top_k``: the model's re-ranker re-scores each query's nearest neighbours, on a real
+tiny training run and its export; Recall@1 base, head only, fused and of the training-free control (DIML's structural
+similarity) are the brute-force ones."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _reranker_fixtures import reranking_copy
 from _training_fixtures import make_shapes_folder
 
 from crossmetric.cli.main import main
@@ -44,43 +46,89 @@ def _evaluate(*args: str) -> int:
     return main(["evaluate", "--no-progress", "--split_strategy", "sorted", *args])
 
 
-def _brute_force(run: Path, shapes: Path, top_k: int) -> tuple[float, float]:
-    """Recall@1 of the checkpoint's embedder, and after re-ranking its top K by the batched head's S^L."""
-    model = load_training_checkpoint(run)
+def _diml(e_a: torch.Tensor, t_a: torch.Tensor, e_b: torch.Tensor, t_b: torch.Tensor) -> float:
+    """DIML's structural similarity of one pair, written out token by token (the control's reference)."""
+
+    def weighted(tokens: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        descriptor = other.mean(dim=0) if tokens.shape[1] != e_a.shape[0] else None
+        total = torch.zeros(tokens.shape[1])
+        for token in tokens:
+            g = descriptor if descriptor is not None else (e_b if other is t_b else e_a)
+            total += max(0.0, float(torch.nn.functional.cosine_similarity(token, g, dim=0))) * token
+        return total
+
+    return float(torch.nn.functional.cosine_similarity(weighted(t_a, t_b), weighted(t_b, t_a), dim=0))
+
+
+def _brute_force(run: Path, shapes: Path, top_k: int, alpha: float) -> dict[str, float]:
+    """Recall@1 of the exported embedder, and after re-ranking its top K by the batched head's S^L, by S^L + alpha ·
+    cosine, and by the training-free score."""
+    model = load_training_checkpoint(run)  # no validation split: the export is the last model
     split = load_dml_dataset(str(shapes), split_strategy="sorted")["test"]
     embeddings, tokens, labels = head_inputs(model, split, 32, torch.device("cpu"), False)
     scores = embeddings @ embeddings.T
     scores.fill_diagonal_(-np.inf)
-    before, after = [], []
+    hits: dict[str, list[bool]] = {"base": [], "head": [], "fused": [], "free": []}
     with torch.no_grad():
         for q in range(len(labels)):
             order = sorted(range(len(labels)), key=lambda n: (-float(scores[q, n]), n))[:top_k]  # canonical ties
             batch = [q, *order]
             conditional = model.head(embeddings[batch], tokens[batch]).similarities[-1][0, 1:]
-            before.append(labels[order[0]] == labels[q])
-            after.append(labels[order[int(conditional.argmax())]] == labels[q])
-    return float(np.mean(before)), float(np.mean(after))
+            fused = conditional + alpha * scores[q, order]
+            free = torch.tensor([_diml(embeddings[q], tokens[q], embeddings[n], tokens[n]) for n in order])
+            for name, best in (("base", 0), ("head", conditional.argmax()), ("fused", fused.argmax()),
+                               ("free", free.argmax())):  # fmt: skip
+                hits[name].append(labels[order[int(best)]] == labels[q])
+    return {name: float(np.mean(values)) for name, values in hits.items()}
 
 
-def test_rerank_reports_recall_at_1_before_and_after(shapes, run, tmp_path, capsys) -> None:
+def test_rerank_on_an_export_reports_base_head_fused_and_training_free(shapes, run, tmp_path, capsys) -> None:
+    export = reranking_copy(run / "model", tmp_path / "reranking", alpha=0.5)
+    out = tmp_path / "eval"
+    rc = _evaluate("--model", str(export), "--dataset", str(shapes), "--output_dir", str(out), "--rerank_top_k", "4")
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected = _brute_force(run, shapes, 4, alpha=0.5)
+    assert metrics["rerank_top_k"] == 4 and metrics["rerank/reranks"] == 1 and metrics["rerank/alpha"] == 0.5
+    assert metrics["rerank/recall@1_base"] == pytest.approx(metrics["recall@1"])
+    assert metrics["recall@1"] == pytest.approx(expected["base"])
+    assert metrics["rerank/recall@1_head_only"] == pytest.approx(expected["head"])
+    assert metrics["rerank/recall@1"] == pytest.approx(expected["fused"])
+    assert metrics["rerank/recall@1_training_free"] == pytest.approx(expected["free"])
+    assert metrics["rerank/recall@k_ceiling"] >= max(expected.values())
+    assert metrics["rerank/ms_per_query"] > 0
+    printed = capsys.readouterr().out
+    assert "Recall@1 base → re-ranked (fused)" in printed and "training-free" in printed
+    report = (out / "report" / "report.md").read_text()
+    assert "base → re-ranked" in report and "rerank/recall@1_head_only" in report
+
+
+def test_rerank_on_a_run_uses_its_reranker_and_an_unfused_one_keeps_the_base(shapes, run, tmp_path) -> None:
     out = tmp_path / "eval"
     rc = _evaluate("--model", str(run), "--dataset", str(shapes), "--output_dir", str(out), "--rerank_top_k", "4")
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    before, after = _brute_force(run, shapes, 4)
-    assert metrics["rerank_top_k"] == 4
-    assert metrics["recall@1_before_rerank"] == pytest.approx(before)
-    assert metrics["recall@1_reranked"] == pytest.approx(after)
-    assert metrics["recall@k_rerank_ceiling"] >= max(before, after)
-    assert "recall@1_reranked" in capsys.readouterr().out
+    expected = _brute_force(run, shapes, 4, alpha=0.0)
+    assert metrics["rerank/reranks"] == 0  # no validation split: the exported re-ranker keeps the embedding's order
+    assert metrics["rerank/recall@1"] == metrics["rerank/recall@1_base"] == pytest.approx(expected["base"])
+    assert metrics["rerank/recall@1_head_only"] == pytest.approx(expected["head"])
+    rc = _evaluate("--model", str(run / "model"), "--checkpoint", str(sorted((run / "checkpoints").glob("checkpoint-*"))[-1]),
+                   "--dataset", str(shapes), "--output_dir", str(tmp_path / "ckpt"), "--rerank_top_k", "4")  # fmt: skip
+    assert rc == 0
+    from_checkpoint = json.loads((tmp_path / "ckpt" / "metrics.json").read_text())
+    assert from_checkpoint["rerank/recall@1_head_only"] == pytest.approx(expected["head"])
 
 
-def test_rerank_needs_a_training_checkpoint(shapes, run, tmp_path, capsys) -> None:
-    out = tmp_path / "eval"
-    rc = _evaluate("--model", str(run / "model"), "--dataset", str(shapes), "--output_dir", str(out),
-                   "--rerank_top_k", "4")  # fmt: skip
-    assert rc == 2 and not out.exists()
-    assert "--rerank_top_k needs the cross-image-attention head" in capsys.readouterr().err
-    rc = _evaluate("--model", str(run / "model"), "--checkpoint", str(run), "--dataset", str(shapes),
-                   "--output_dir", str(out), "--rerank_top_k", "4")  # fmt: skip
-    assert rc == 0 and "recall@1_reranked" in json.loads((out / "metrics.json").read_text())
+@pytest.mark.parametrize("channels", [16, 24])  # tokens as wide as the embedding (DIML's form), or not
+def test_the_training_free_control_is_dimls_structural_similarity(channels) -> None:
+    from crossmetric.evaluation.structural_similarity import structural_scores
+
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.nn.functional.normalize(torch.randn(7, 16, generator=generator), dim=1)
+    tokens = torch.randn(7, 4, channels, generator=generator)
+    neighbours = np.array([[1, 2, 3], [0, 4, 5], [6, 0, 1]])
+    got = structural_scores(embeddings, tokens, np.array([0, 3, 2]), neighbours)
+    for row, q in enumerate([0, 3, 2]):
+        for col, n in enumerate(neighbours[row]):
+            expected = _diml(embeddings[q], tokens[q], embeddings[n], tokens[n])
+            assert got[row, col] == pytest.approx(expected, abs=1e-5)
