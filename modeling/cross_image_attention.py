@@ -261,17 +261,16 @@ class CrossImageAttentionHead(nn.Module):
             raise ValueError("pair similarities need cia_query 'other' or 'self'; 'shuffled' draws from a batch.")
         if self.token_projection is not None:
             tokens = self.token_projection(tokens)
-        seed = self.seed(embeddings)
-        forward, backward = seed[first], seed[second]  # z_{a|b}, z_{b|a}
+        pairs = first.shape[0]
+        owners = torch.cat([first, second])  # both directions as one list of 2·P states: [z_{a|b}; z_{b|a}]
+        state = self.seed(embeddings)[owners]
         similarities = []
         for level in self.levels:
             keys, values = level.keys_values(tokens)
-            ask_forward, ask_backward = (backward, forward) if self.query_mode == "other" else (forward, backward)
-            forward, backward = (
-                level.forward_pairs(forward, ask_forward, keys[first], values[first]),
-                level.forward_pairs(backward, ask_backward, keys[second], values[second]),
-            )
-            similarities.append((F.normalize(forward, dim=-1) * F.normalize(backward, dim=-1)).sum(dim=-1))
+            asker = state.roll(pairs, dims=0) if self.query_mode == "other" else state  # z_{b|a} asks a, and back
+            state = level.forward_pairs(state, asker, keys[owners], values[owners])
+            normalized = F.normalize(state, dim=-1)
+            similarities.append((normalized[:pairs] * normalized[pairs:]).sum(dim=-1))
         return tuple(similarities)
 
 

@@ -198,7 +198,7 @@ class CrossMetricReranker(PreTrainedModel):
         fused = head + self.config.alpha * cosine if self.config.reranks else cosine
         return {"head": head, "cosine": cosine, "fused": fused}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def pair_scores(
         self,
         query_embeddings: torch.Tensor,
@@ -219,7 +219,7 @@ class CrossMetricReranker(PreTrainedModel):
         normalized = F.normalize(embeddings, dim=-1)
         return self._fuse(head, (normalized[:pairs] * normalized[pairs:]).sum(dim=-1))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def query_scores(
         self,
         query_embedding: torch.Tensor,
