@@ -2,6 +2,9 @@
 
     crossmetric index build --model MODEL --images FOLDER_OR_DATASET --output_dir INDEX [--kind exact|hnsw|ivf]
 
+With a model that has a re-ranker (``reranker/``), each gallery item's head tokens are stored too, in float16 (the
+bytes per item are printed and recorded in ``metadata.json``), for ``search --rerank_top_k``.
+
 ``index build`` under ``accelerate launch`` with several processes builds in parallel (each process embeds a
 shard; see :func:`~crossmetric.retrieval.build.build_index_distributed`). Exit codes: 0 success, 2 bad input (a
 clear message on stderr, before any model is loaded or image embedded).
@@ -119,6 +122,8 @@ def run_index_build(ns: argparse.Namespace) -> int:
         return report_error("index build", error)
     if index is not None:
         print(f"{index} saved to {ns.output_dir}")
+        if index.head_tokens is not None:  # the model has a re-ranker: search --rerank_top_k can use them
+            print(f"stored for re-ranking: {index.head_tokens.describe()}")
     return 0
 
 
