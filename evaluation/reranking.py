@@ -6,7 +6,7 @@ Which re-ranker, decided while the command checks its arguments (before anything
   the command evaluates; a model without one (head off) is refused, with the reason;
 - ``--model`` (or ``--checkpoint``) a training run or checkpoint: the run's ``RUN/reranker`` with the embedder it
   selected on validation, else the head of that model, unfused (``reranks`` recorded as 0): see
-  :func:`~crossmetric.hub.reranker_loading.training_reranker`.
+  :func:`~crossmetric.inference.reranker_loading.training_reranker`.
 
 The split is embedded once with the re-ranker's embedder: one backbone pass per batch gives the embeddings and the
 head's tokens (:func:`reranker_inputs`); when that embedder is the evaluated one, the same embeddings give the plain

@@ -41,10 +41,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from crossmetric import CrossMetricConfig, CrossMetricForMetricLearning, EmbeddingIndex  # noqa: E402
+from crossmetric.inference.pretrained import load_pretrained_backbone  # noqa: E402
 from crossmetric.modeling.reranker_inputs import RerankFeatures  # noqa: E402
 from crossmetric.modeling.reranking_crossmetric import CrossMetricReranker, embed_with_tokens  # noqa: E402
 from crossmetric.retrieval.reranking import search_and_rerank  # noqa: E402
-from crossmetric.training.pretrained import load_pretrained_backbone  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_MS = 5.0

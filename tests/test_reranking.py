@@ -112,8 +112,9 @@ def test_rerank_on_a_run_uses_its_reranker_and_an_unfused_one_keeps_the_base(sha
     assert metrics["rerank/reranks"] == 0  # no validation split: the exported re-ranker keeps the embedding's order
     assert metrics["rerank/recall@1"] == metrics["rerank/recall@1_base"] == pytest.approx(expected["base"])
     assert metrics["rerank/recall@1_head_only"] == pytest.approx(expected["head"])
-    rc = _evaluate("--model", str(run / "model"), "--checkpoint", str(sorted((run / "checkpoints").glob("checkpoint-*"))[-1]),
-                   "--dataset", str(shapes), "--output_dir", str(tmp_path / "ckpt"), "--rerank_top_k", "4")  # fmt: skip
+    checkpoint = str(sorted((run / "checkpoints").glob("checkpoint-*"))[-1])
+    rc = _evaluate("--model", str(run / "model"), "--checkpoint", checkpoint, "--dataset", str(shapes),
+                   "--output_dir", str(tmp_path / "ckpt"), "--rerank_top_k", "4")  # fmt: skip
     assert rc == 0
     from_checkpoint = json.loads((tmp_path / "ckpt" / "metrics.json").read_text())
     assert from_checkpoint["rerank/recall@1_head_only"] == pytest.approx(expected["head"])

@@ -65,10 +65,13 @@ def fit_reranker(
 
 
 def fit_run_reranker(
-    model: CrossMetricForMetricLearning, dataset: Any, selection_split: str | None, config: Any, device: torch.device
+    model: CrossMetricForMetricLearning, dataset: Any, selection_split: str | None, config: Any, accelerator: Any
 ) -> dict[str, Any] | None:
-    """:func:`fit_reranker` for a finished run (``config`` its :class:`TrainingConfig`); None, logged, when the run
-    gets no re-ranker (:func:`reranker_unavailable_reason`, or ``reranker_top_k`` 0)."""
+    """:func:`fit_reranker` for a finished run (``config`` its :class:`TrainingConfig`), on the accelerator's main
+    process (None on the others); None, logged, when the run gets no re-ranker (:func:`reranker_unavailable_reason`,
+    or ``reranker_top_k`` 0)."""
+    if not accelerator.is_main_process:
+        return None
     reason = reranker_unavailable_reason(model, selection_split)
     if reason is None and not config.reranker_top_k:
         reason = "--reranker_top_k 0"
@@ -78,5 +81,5 @@ def fit_run_reranker(
         return None
     return fit_reranker(
         model, dataset["validation"], config.run_directory, top_k=config.reranker_top_k,
-        batch_size=config.eval_batch_size, device=device, progress=config.progress,
+        batch_size=config.eval_batch_size, device=accelerator.device, progress=config.progress,
     )  # fmt: skip

@@ -197,10 +197,8 @@ class CrossMetricTrainer:
         accelerator.wait_for_everyone()
         if self.selection_evaluator is not None:  # every process continues with the selected weights (from disk:
             self.selection.restore(accelerator.unwrap_model(self.model))  # only the main process knows which)
-        self.reranker = None  # the selected head, its fusion chosen on validation (RUN/reranker): main process only
-        if accelerator.is_main_process:
-            model = accelerator.unwrap_model(self.model)
-            self.reranker = fit_run_reranker(model, self.dataset, self.selection_split, c, accelerator.device)
+        model = accelerator.unwrap_model(self.model)  # its selected head, fused on validation (RUN/reranker): main only
+        self.reranker = fit_run_reranker(model, self.dataset, self.selection_split, c, accelerator)
         metrics = self._evaluate(self.test_evaluator, record="final")
         for tracker in accelerator.trackers:  # not end_training(): the caller may still need the process group
             tracker.finish()
