@@ -138,18 +138,27 @@ class CrossAttentionLevel(nn.Module):
         return state, weights
 
     def forward_pairs(
-        self, state: torch.Tensor, query_source: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+        self, state: torch.Tensor, query_source: torch.Tensor, tokens: torch.Tensor, owners: torch.Tensor
     ) -> torch.Tensor:
         """The same update for a list of P pairs instead of a whole B×B batch (re-ranking a few neighbours).
 
-        ``state`` and ``query_source`` are P×d; ``keys`` and ``values`` (P×T×heads×head_dim) are those of the image
-        each pair's state belongs to.
+        ``state`` and ``query_source`` are P×d; ``tokens`` (N×T×C) are the images' tokens and ``owners`` (P) the image
+        each pair's state belongs to. With few pairs per image the key and value projections are folded into the pairs
+        instead of applied to every token (an exact rewrite): the query asks the normalised tokens through
+        ``W_kᵀ q`` (the key bias adds the same logit to every token, which the softmax cancels), and the attention
+        pools the tokens before ``W_v`` (the weights sum to one, so the value bias passes as it is). Per level that is
+        P·heads·(T + 2·head_dim)·C instead of N·T·2d·C.
         """
         pairs = state.shape[0]
         query = self.query(self.query_norm(query_source)).view(pairs, self.num_heads, self.head_dim)
-        weights = torch.einsum("phc,pthc->pht", query * self.head_dim**-0.5, keys).softmax(dim=-1)
-        attended = self.out(torch.einsum("pht,pthc->phc", weights, values).reshape(pairs, -1))
-        state = state + attended
+        key_weight, value_weight = self.key_value.weight.view(2, self.num_heads, self.head_dim, -1)
+        value_bias = self.key_value.bias.view(2, self.num_heads, self.head_dim)[1]
+        asking = torch.einsum("phc,hcx->phx", query * self.head_dim**-0.5, key_weight)  # P×heads×C
+        own = self.token_norm(tokens)[owners]  # P×T×C
+        weights = torch.einsum("phx,ptx->pht", asking, own).softmax(dim=-1)
+        pooled = torch.einsum("pht,ptx->phx", weights, own)
+        attended = torch.einsum("phx,hcx->phc", pooled, value_weight) + value_bias
+        state = state + self.out(attended.reshape(pairs, -1))
         return state + self.mlp(self.mlp_norm(state))
 
 
@@ -266,9 +275,8 @@ class CrossImageAttentionHead(nn.Module):
         state = self.seed(embeddings)[owners]
         similarities = []
         for level in self.levels:
-            keys, values = level.keys_values(tokens)
             asker = state.roll(pairs, dims=0) if self.query_mode == "other" else state  # z_{b|a} asks a, and back
-            state = level.forward_pairs(state, asker, keys[owners], values[owners])
+            state = level.forward_pairs(state, asker, tokens, owners)
             normalized = F.normalize(state, dim=-1)
             similarities.append((normalized[:pairs] * normalized[pairs:]).sum(dim=-1))
         return tuple(similarities)

@@ -101,11 +101,13 @@ def test_head_refuses_zero_levels_and_unknown_query() -> None:
         CrossImageAttentionHead(embedding_dim=8, token_dim=6, query="both")
 
 
+@pytest.mark.parametrize("project_tokens", [True, False])
 @pytest.mark.parametrize("query", ["other", "self"])
-def test_pair_similarities_equal_the_batched_entries(query: str) -> None:
-    """Re-ranking's pair-list path gives the batched head's S^l[a, b], with the token projection too."""
+def test_pair_similarities_equal_the_batched_entries(query: str, project_tokens: bool) -> None:
+    """Re-ranking's pair-list path (key and value projections folded into the pairs) gives the batched head's
+    S^l[a, b], with and without the token projection."""
     head = CrossImageAttentionHead(embedding_dim=8, token_dim=6, width=8, num_levels=2, num_heads=2, query=query,
-                                   project_tokens=True)  # fmt: skip
+                                   project_tokens=project_tokens)  # fmt: skip
     head.reset_parameters()
     for parameter in head.parameters():
         parameter.data.add_(0.1 * torch.randn_like(parameter))
