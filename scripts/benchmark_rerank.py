@@ -19,6 +19,11 @@ and without capturing the tokens (the forward hook must cost nothing). Writes JS
 ``scripts/benchmark_results/rerank_cpu/rerank_cost.json``) and prints a summary.
 
     python scripts/benchmark_rerank.py                  # 2 threads, 1000 gallery images, 200 queries, K = 20
+    OMP_WAIT_POLICY=PASSIVE python scripts/benchmark_rerank.py --output .../rerank_cost_passive_wait.json
+    python scripts/benchmark_rerank.py --threads 1 --output .../rerank_cost_1_thread.json
+
+On a machine shared with other jobs, two threads that spin while waiting for each other (OpenMP's default policy) lose
+most of their time to the other jobs; ``OMP_WAIT_POLICY=PASSIVE`` or one thread shows the cost itself.
 """
 
 from __future__ import annotations
@@ -182,6 +187,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         **figures,
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     }
