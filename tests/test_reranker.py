@@ -138,3 +138,16 @@ def test_export_push_from_pretrained_round_trip_keeps_the_scores(runs, hub_serve
     assert find_reranker(repo) == (repo, "reranker")
     found = load_reranker(find_reranker(repo))
     np.testing.assert_allclose(found.predict(pairs), local.predict(pairs), atol=1e-5)
+
+    # the pipeline of the Hub id finds the re-ranker there and re-ranks as the local export does
+    from transformers import pipeline
+
+    from crossmetric import EmbeddingIndex
+
+    index = EmbeddingIndex.from_folder(str(runs["reranking"]), runs["shapes"], progress=False)
+    from_hub = pipeline("image-retrieval", model=repo, index=index, rerank_top_k=4, top_k=6)(str(paths[0]))
+    local_hits = pipeline("image-retrieval", model=str(runs["reranking"]), index=index, rerank_top_k=4, top_k=6)(
+        str(paths[0])
+    )
+    assert [h["id"] for h in from_hub] == [h["id"] for h in local_hits] and from_hub[0]["reranked"]
+    np.testing.assert_allclose([h["score"] for h in from_hub], [h["score"] for h in local_hits], atol=1e-5)
