@@ -208,13 +208,17 @@ class CrossMetricForMetricLearning(CrossMetricPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_attentions: bool = False,
         return_dict: bool | None = None,
+        skip_head: bool = False,
         **kwargs: Any,
     ) -> CrossMetricForMetricLearningOutput:
-        """Unconditional embeddings, per-level conditional similarities and, with labels, the CIA loss."""
+        """Unconditional embeddings, per-level conditional similarities and, with labels, the CIA loss.
+
+        ``skip_head`` leaves the head out (no conditional similarities): the embedder's phase of a run whose head
+        trains afterwards, on the finished embedder."""
         tokens, embeddings, head_tokens, _ = self.forward_head_inputs(pixel_values)
         similarities: tuple[torch.Tensor, ...] = ()
         attentions = None
-        if self.head is not None:
+        if self.head is not None and not skip_head:
             if self.config.cia_detach:  # the head's loss trains the head alone (docs/design.md §1)
                 head_output = self.head(embeddings.detach(), head_tokens.detach(), output_attentions=output_attentions)
             else:

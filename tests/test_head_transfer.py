@@ -61,7 +61,7 @@ def test_the_kl_matches_s2sd_on_masked_rows() -> None:
     a, b = student[off].view(batch, batch - 1), teacher[off].view(batch, batch - 1)
     reference = F.kl_div(F.log_softmax(a / t, 1), F.softmax(b / t, 1), reduction="sum") * t**2 / batch
     assert float(HeadDistillationLoss("kl", temperature=t)(student, teacher, labels).detach()) == pytest.approx(
-        float(reference), rel=1e-5
+        float(reference.detach()), rel=1e-5
     )
 
 
@@ -154,3 +154,26 @@ def test_a_head_off_run_has_no_reranker(shapes, tmp_path) -> None:
     with one_thread():
         result = CrossMetricTrainer(config).train()
     assert result.reranker is None and not (result.run_directory / "reranker").exists()
+
+
+def test_a_second_stage_trains_the_head_on_the_finished_embedder_which_stays_as_head_off(shapes, tmp_path) -> None:
+    """``reranker_stage_steps``: the embedder trains exactly as with the head off; the head trains afterwards."""
+    weights = {}
+    for name, fields in (("off", {"cia_levels": 0}), ("stage", {"reranker_stage_steps": 5})):
+        with one_thread():
+            trainer = CrossMetricTrainer(
+                tiny_config(dataset=str(shapes), output_dir=str(tmp_path / name), num_epochs=2, export=False, **fields)
+            )
+            initial_head = None if trainer.model.head is None else trainer.model.head.state_dict()
+            initial_head = {k: v.clone() for k, v in (initial_head or {}).items()}
+            trainer.train()
+        weights[name] = load_file(trainer.checkpoints[-1] / "model.safetensors")
+    embedder = [k for k in weights["off"] if k.startswith("embedder.")]
+    assert embedder and all(torch.equal(weights["off"][k], weights["stage"][k]) for k in embedder)
+    head = trainer.model.head.state_dict()
+    assert any(not torch.equal(head[k], initial_head[k]) for k in head)  # trained in the stage, after the loop
+
+
+def test_a_second_stage_cannot_be_combined_with_a_transfer() -> None:
+    with pytest.raises(ValueError, match="reranker_stage_steps"):
+        tiny_config(reranker_stage_steps=10, cia_distill_weight=1.0).validate()

@@ -124,6 +124,9 @@ class TrainingConfig:
         default=20,
         metadata={"help": "candidates per query when choosing the re-ranker's fusion on validation; 0: none"},
     )
+    reranker_stage_steps: int = field(
+        default=0, metadata={"help": "train the head after selection, on the frozen embedder, for N steps (0: no)"}
+    )
     cia_distill_warmup_steps: int = field(
         default=0, metadata={"help": "steps over which the transfer's weight rises from 0"}
     )
@@ -228,6 +231,11 @@ class TrainingConfig:
             f"--cia_distill_level={self.cia_distill_level} must index one of the {self.cia_levels} levels (-1: last)",
         )
         need(self.cia_distill_warmup_steps >= 0, "--cia_distill_warmup_steps must be >= 0")
+        need(self.reranker_stage_steps >= 0, "--reranker_stage_steps must be >= 0")
+        need(
+            not (self.reranker_stage_steps and self.cia_distill_weight),
+            "--reranker_stage_steps trains the head after the embedder: it cannot teach it (--cia_distill_weight 0)",
+        )
         run_name = self.run_name or self.run_directory.relative_to(self.output_dir).as_posix()
         need(
             _stays_inside(run_name),

@@ -20,6 +20,7 @@ from ..evaluation.reranking import head_inputs
 from ..modeling.modeling_crossmetric import CrossMetricForMetricLearning
 from ..modeling.reranking_crossmetric import RERANKER_FOLDER
 from ..utils.atomic_files import staged_directory
+from .reranker_stage import train_head_stage
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +66,26 @@ def fit_reranker(
 
 
 def fit_run_reranker(
-    model: CrossMetricForMetricLearning, dataset: Any, selection_split: str | None, config: Any, accelerator: Any
+    model: CrossMetricForMetricLearning,
+    dataset: Any,
+    selection_split: str | None,
+    config: Any,
+    accelerator: Any,
+    batches: Any = None,
+    objective: Any = None,
 ) -> dict[str, Any] | None:
     """:func:`fit_reranker` for a finished run (``config`` its :class:`TrainingConfig`), on the accelerator's main
-    process (None on the others); None, logged, when the run gets no re-ranker (:func:`reranker_unavailable_reason`,
-    or ``reranker_top_k`` 0)."""
+    process (None on the others), after the second stage (:mod:`.reranker_stage`) when ``config.reranker_stage_steps``
+    asks for one (on ``batches`` with the run's ``objective``); None, logged, when the run gets no re-ranker
+    (:func:`reranker_unavailable_reason`, or ``reranker_top_k`` 0)."""
     if not accelerator.is_main_process:
         return None
+    if model.head is not None and config.reranker_stage_steps:
+        train_head_stage(
+            model, batches, objective, steps=config.reranker_stage_steps, learning_rate=config.head_learning_rate,
+            weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, device=accelerator.device,
+            progress=config.progress,
+        )  # fmt: skip
     reason = reranker_unavailable_reason(model, selection_split)
     if reason is None and not config.reranker_top_k:
         reason = "--reranker_top_k 0"

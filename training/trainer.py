@@ -40,6 +40,7 @@ from .optimization import batchnorm_layers, build_optimizer, clip_groups, freeze
 from .optimization import freeze_unreached_head_parameters as freeze_unreached_head
 from .recipes import fit_recipe
 from .reranker_fit import fit_run_reranker
+from .reranker_stage import freeze_head_for_stage
 from .result import TrainingResult
 
 logger = logging.getLogger(__name__)
@@ -59,12 +60,9 @@ class CrossMetricTrainer:
         self.config = config
         self.run_directory = config.run_directory
         check_writable(self.run_directory, flag="--output_dir")
-        self.accelerator = Accelerator(
-            mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            log_with=None if config.report_to == "none" else config.report_to,
-            project_dir=str(self.run_directory),
-        )
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, project_dir=str(self.run_directory),
+                                       gradient_accumulation_steps=config.gradient_accumulation_steps,
+                                       log_with=None if config.report_to == "none" else config.report_to)  # fmt: skip
         set_seed(config.seed)
         self.dataset = dataset if dataset is not None else self._load_dataset()
         if "train" not in self.dataset:
@@ -124,6 +122,8 @@ class CrossMetricTrainer:
         if config.freeze_batchnorm:
             freeze_batchnorm_parameters(self.model)
         freeze_unreached_head(self.model, self.objective.loss_weight, self.objective.level_weights)  # before DDP
+        if config.reranker_stage_steps:  # the head trains after the embedder (training/reranker_stage.py)
+            freeze_head_for_stage(self.model)
         self.optimizer = build_optimizer(self.model, self.objective, config)
         self.scheduler = get_scheduler(
             config.lr_scheduler_type,
@@ -140,9 +140,7 @@ class CrossMetricTrainer:
                 self.model, self.optimizer, self.scheduler
             )
             self.objective = self.objective.to(self.accelerator.device)
-        self.global_step = 0
-        self.epoch = 0
-        self.batches_done_in_epoch = 0
+        self.global_step = self.epoch = self.batches_done_in_epoch = 0
         self.zero_shot: dict[str, float] | None = None
         self.history: list[dict[str, Any]] = []
         self.step_seconds: list[float] = []  # compute time of each batch (forward, loss, backward, step), no data
@@ -198,7 +196,8 @@ class CrossMetricTrainer:
         if self.selection_evaluator is not None:  # every process continues with the selected weights (from disk:
             self.selection.restore(accelerator.unwrap_model(self.model))  # only the main process knows which)
         model = accelerator.unwrap_model(self.model)  # its selected head, fused on validation (RUN/reranker): main only
-        self.reranker = fit_run_reranker(model, self.dataset, self.selection_split, c, accelerator)
+        self.reranker = fit_run_reranker(model, self.dataset, self.selection_split, c, accelerator, self.train_loader,
+                                         self.objective)  # fmt: skip
         metrics = self._evaluate(self.test_evaluator, record="final")
         for tracker in accelerator.trackers:  # not end_training(): the caller may still need the process group
             tracker.finish()
@@ -253,7 +252,7 @@ class CrossMetricTrainer:
         device = self.accelerator.device
         pixel_values = batch["pixel_values"].to(device).contiguous(memory_format=torch.channels_last)
         labels = batch["labels"].to(device)
-        output = self.model(pixel_values)
+        output = self.model(pixel_values, skip_head=bool(self.config.reranker_stage_steps))
         embeddings = output.embeddings.float()
         gathered = all_gather_with_gradient(embeddings)
         gathered_labels = all_gather_labels(labels)
