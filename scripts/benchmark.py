@@ -86,7 +86,7 @@ def run_arguments(row: str, seed: int, args: argparse.Namespace, extra: list[str
         "--progress",
         "False",
         "--export",
-        str(seed == args.seeds[0] and row in ("baseline", args.head_row)),
+        str(args.export_all or (seed == args.seeds[0] and row in ("baseline", args.head_row))),
     ]
     if args.data_dir:
         command += ["--data_dir", args.data_dir]
@@ -230,6 +230,9 @@ def main() -> int:
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/benchmark"))
     parser.add_argument("--parallel", type=int, default=1, help="training processes at once")
     parser.add_argument("--rerun", action="store_true", help="train again even where a summary exists")
+    parser.add_argument(
+        "--export_all", action="store_true", help="export every run (RUN/model, with reranker/ where it has one)"
+    )
     parser.add_argument("--head_row", default="cia", help="the head row that other rows and controls pair with")
     parser.add_argument(
         "--controls", nargs="*", default=list(CONTROLS), help="control rows to pair the head row against"
