@@ -61,6 +61,25 @@ ROWS: dict[str, dict[str, Any]] = {
         "cia_distill_form": "margin_mse",
         "cia_distill_warmup_steps": 60,
     },  # fmt: skip
+    # the controls with the listwise transfer: no conditioning, and a random third image
+    "cia_query_self_detach_distill_listwise": {
+        "cia_query": "self",
+        "cia_detach": True,
+        "cia_distill_weight": 50.0,
+        "cia_distill_form": "listwise",
+        "cia_distill_temperature": 0.1,
+        "cia_distill_top_k": 8,
+        "cia_distill_warmup_steps": 60,
+    },  # fmt: skip
+    "cia_query_shuffled_detach_distill_listwise": {
+        "cia_query": "shuffled",
+        "cia_detach": True,
+        "cia_distill_weight": 50.0,
+        "cia_distill_form": "listwise",
+        "cia_distill_temperature": 0.1,
+        "cia_distill_top_k": 8,
+        "cia_distill_warmup_steps": 60,
+    },  # fmt: skip
     "cia_lambda_0.1_distill_listwise": {
         "cia_loss_weight": 0.1,
         "cia_distill_weight": 50.0,
