@@ -119,6 +119,8 @@ def train(row: str, seed: int, args: argparse.Namespace, extra: list[str]) -> di
     summary_path = args.output_dir / "runs" / f"{row}-seed{seed}" / "summary.json"
     if summary_path.exists() and not args.rerun:
         return json.loads(summary_path.read_text())
+    if args.collect_only:
+        raise SystemExit(f"--collect_only: {row} seed {seed} has no {summary_path}")
     log_path = args.output_dir / "logs" / f"{row}-seed{seed}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "crossmetric.cli", "train", *run_arguments(row, seed, args, extra)]
@@ -248,6 +250,7 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/benchmark"))
     parser.add_argument("--parallel", type=int, default=1, help="training processes at once")
+    parser.add_argument("--collect_only", action="store_true", help="only tabulate runs that exist; train nothing")
     parser.add_argument("--rerun", action="store_true", help="train again even where a summary exists")
     parser.add_argument(
         "--export_all", action="store_true", help="export every run (RUN/model, with reranker/ where it has one)"
