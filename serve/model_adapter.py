@@ -1,0 +1,145 @@
+"""The server's one door to the rest of crossmetric: load a model by reference, decode an image, run a batch.
+
+Everything ``serve/`` needs from the layers below it about models and images goes through here, so that a move of
+model loading or image decoding changes this file only:
+
+- :func:`check_model` resolves a model argument cheaply (no weights read), for the command's early checks;
+- :func:`load_served_model` loads the embedder and its image processor with the torch or ONNX backend;
+- :meth:`ServedModel.decode` turns the bytes of one upload into an RGB image with crossmetric's robust decoding
+  (EXIF orientation, 16-bit, alpha on white; truncated, corrupt, non-image and decompression-bomb inputs refused with
+  the reason), :meth:`ServedModel.preprocess` applies the model's own image processor, and
+  :meth:`ServedModel.forward` runs one batch and returns its L2-normalised embeddings (``pooler_output``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..evaluation.embedding import model_reference
+from ..hub.model_loading import load_embedder, resolve_model
+from ..training.data.image_loading import SkippedImages, load_rgb_image
+
+RERANKER_FOLDER = "reranker"
+
+
+class UndecodableImage(ValueError):
+    """An input that is not an image this server can decode; ``reason`` says why (for the 422 body)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def check_model(reference: str, backend: str) -> Path | str:
+    """The exported folder (or Hub id) ``reference`` names, without loading it; ValueError naming ``--model``.
+
+    A training checkpoint without an export is refused (the server serves exports), as is ``--backend onnx`` on a
+    folder without ``onnx/model.onnx``.
+    """
+    kind, source = resolve_model(reference)
+    if kind == "checkpoint":
+        raise ValueError(f"--model {reference!r} is a training checkpoint without an export: run `crossmetric export`.")
+    if backend == "onnx" and kind == "export" and not (Path(source) / "onnx" / "model.onnx").is_file():
+        raise ValueError(
+            f"--backend onnx needs {Path(source) / 'onnx' / 'model.onnx'}: export with `crossmetric export --onnx`, "
+            "or serve with --backend torch."
+        )
+    return source
+
+
+def has_reranker(source: Path | str) -> bool:
+    """Whether an exported model folder carries a re-ranker (``MODEL/reranker/``)."""
+    return isinstance(source, Path) and (source / RERANKER_FOLDER).is_dir()
+
+
+@dataclass
+class ServedModel:
+    """An embedder and its preprocessing, as the server runs them.
+
+    Attributes:
+        name: the model argument it was loaded from.
+        backend: ``"torch"`` or ``"onnx"``.
+        embedder: the loaded ``CrossMetricModel`` or ONNX Runtime embedder.
+        processor: the model's image processor.
+        device: where the torch backend runs.
+        max_image_pixels: the decompression-bomb limit applied to every decoded input.
+    """
+
+    name: str
+    backend: str
+    embedder: Any
+    processor: Any
+    device: Any = None
+    max_image_pixels: int = 40_000_000
+    reference: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.embedder.config.embedding_dim)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.embedder.config.image_size)
+
+    @property
+    def onnx_file(self) -> str | None:
+        return getattr(self.embedder, "onnx_file", None)
+
+    def decode(self, data: bytes) -> Image.Image:
+        """The RGB image in ``data``, or :class:`UndecodableImage` with the reason (bombs included)."""
+        if not data:
+            raise UndecodableImage("empty input (0 bytes)")
+        try:
+            with Image.open(io.BytesIO(data)) as probe:  # header only: refuse a bomb before any pixel is decoded
+                pixels = probe.width * probe.height
+        except Exception:  # not identifiable: load_rgb_image gives the reason
+            pixels = 0
+        if pixels > self.max_image_pixels:
+            raise UndecodableImage(
+                f"too large, refused as a possible decompression bomb: {pixels} pixels, more than the server's "
+                f"--max_image_pixels {self.max_image_pixels}"
+            )
+        skipped = SkippedImages()
+        image = load_rgb_image(data, skipped)
+        if image is None:
+            raise UndecodableImage(skipped.reasons[0] if skipped.reasons else "not a decodable image")
+        return image
+
+    def preprocess(self, images: list[Image.Image]) -> np.ndarray:
+        """The model's own preprocessing of ``images``: float32 N × 3 × H × W."""
+        pixel_values = self.processor(images=images, return_tensors="np")["pixel_values"]
+        return np.ascontiguousarray(pixel_values, dtype=np.float32)
+
+    def forward(self, pixel_values: np.ndarray) -> np.ndarray:
+        """``pooler_output`` (the L2-normalised embeddings) of one preprocessed batch, float32 N × D."""
+        if self.backend == "onnx":
+            return self.embedder(pixel_values).pooler_output.numpy()
+        import torch
+
+        with torch.inference_mode():
+            output = self.embedder(pixel_values=torch.from_numpy(pixel_values).to(self.device))
+        return output.pooler_output.float().cpu().numpy()
+
+
+def load_served_model(
+    reference: str | os.PathLike, backend: str = "torch", device: str | None = None, max_image_pixels: int = 40_000_000
+) -> ServedModel:
+    """Load ``reference`` (an exported folder or Hub id) with ``backend``; the torch model is moved to ``device``
+    (default: cuda when available) and put in eval mode."""
+    embedder, processor = load_embedder(str(reference), backend=backend)
+    torch_device = None
+    if backend == "torch":
+        import torch
+
+        torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        embedder = embedder.to(torch_device).eval()
+    return ServedModel(
+        str(reference), backend, embedder, processor, torch_device, max_image_pixels, model_reference(embedder)
+    )
