@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--index_poll_interval", type=float, default=2.0, help="seconds between checks for a rebuilt index (0: never)"
     )
     parser.add_argument("--decode_workers", type=int, default=2, help="threads decoding images off the event loop")
+    parser.add_argument(
+        "--model_threads", type=int, default=None, help="the model's intra-op threads (default: half the CPUs)"
+    )
     return add_log_level_argument(parser)
 
 
@@ -81,7 +84,7 @@ def settings_from_arguments(ns: argparse.Namespace) -> tuple[ServeSettings, str]
         max_wait_ms=ns.max_wait_ms, max_concurrent_requests=ns.max_concurrent_requests,
         max_client_batch_size=ns.max_client_batch_size, payload_limit=ns.payload_limit,
         max_image_pixels=ns.max_image_pixels, api_key=api_key, rerank_top_k=ns.rerank_top_k,
-        index_poll_interval=ns.index_poll_interval, decode_workers=ns.decode_workers,
+        index_poll_interval=ns.index_poll_interval, decode_workers=ns.decode_workers, model_threads=ns.model_threads,
     )  # fmt: skip
     source = check_model(ns.model, ns.backend)
     if ns.rerank_top_k is not None:

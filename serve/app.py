@@ -153,7 +153,7 @@ def create_app(settings: ServeSettings, runtime: Runtime | None = None) -> Any:
             parsed = await read_request(request, settings.max_client_batch_size, True, runtime.run_off_loop)
             count = check_k(parsed.k if parsed.k is not None else (k if k is not None else DEFAULT_K))
             require_index(runtime.index)
-            embeddings, _pixels = await runtime.embed_with_pixels(parsed.images)
+            embeddings, _queries = await runtime.embed_with_images(parsed.images)  # queries: for a re-ranker
             results = await runtime.run_off_loop(search, runtime.index, embeddings, count, settings.rerank_top_k)
         return json_response(results)
 

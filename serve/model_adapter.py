@@ -7,8 +7,8 @@ model loading or image decoding changes this file only:
 - :func:`load_served_model` loads the embedder and its image processor with the torch or ONNX backend;
 - :meth:`ServedModel.decode` turns the bytes of one upload into an RGB image with crossmetric's robust decoding
   (EXIF orientation, 16-bit, alpha on white; truncated, corrupt, non-image and decompression-bomb inputs refused with
-  the reason), :meth:`ServedModel.preprocess` applies the model's own image processor, and
-  :meth:`ServedModel.forward` runs one batch and returns its L2-normalised embeddings (``pooler_output``).
+  the reason), and :meth:`ServedModel.embed_images` applies the model's own image processor to a batch and returns
+  its L2-normalised embeddings (``pooler_output``).
 """
 
 from __future__ import annotations
@@ -112,6 +112,10 @@ class ServedModel:
             raise UndecodableImage(skipped.reasons[0] if skipped.reasons else "not a decodable image")
         return image
 
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        """The embeddings of decoded ``images`` (one batch: preprocessing and forward pass), float32 N × D."""
+        return self.forward(self.preprocess(images))
+
     def preprocess(self, images: list[Image.Image]) -> np.ndarray:
         """The model's own preprocessing of ``images``: float32 N × 3 × H × W."""
         pixel_values = self.processor(images=images, return_tensors="np")["pixel_values"]
@@ -129,17 +133,35 @@ class ServedModel:
 
 
 def load_served_model(
-    reference: str | os.PathLike, backend: str = "torch", device: str | None = None, max_image_pixels: int = 40_000_000
+    reference: str | os.PathLike,
+    backend: str = "torch",
+    device: str | None = None,
+    max_image_pixels: int = 40_000_000,
+    threads: int | None = None,
 ) -> ServedModel:
     """Load ``reference`` (an exported folder or Hub id) with ``backend``; the torch model is moved to ``device``
-    (default: cuda when available) and put in eval mode."""
-    embedder, processor = load_embedder(str(reference), backend=backend)
-    torch_device = None
-    if backend == "torch":
-        import torch
+    (default: cuda when available) and put in eval mode.
 
-        torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        embedder = embedder.to(torch_device).eval()
+    ``threads``: intra-op threads of the model (ONNX Runtime's session) and of torch in this process, which the image
+    processor uses with either backend (None: the libraries' defaults).
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if backend == "onnx":
+        from transformers import AutoImageProcessor
+
+        from ..evaluation.onnx_embedding import OnnxEmbedder
+
+        embedder: Any = OnnxEmbedder(str(reference), threads=threads)
+        processor = AutoImageProcessor.from_pretrained(embedder.folder)
+        return ServedModel(
+            str(reference), backend, embedder, processor, None, max_image_pixels, model_reference(embedder)
+        )
+    embedder, processor = load_embedder(str(reference), backend=backend)
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    embedder = embedder.to(torch_device).eval()
     return ServedModel(
         str(reference), backend, embedder, processor, torch_device, max_image_pixels, model_reference(embedder)
     )

@@ -4,8 +4,8 @@ Loading happens after the HTTP server is up, in the background, so that ``/healt
 (and index) are loaded and a warm-up batch has gone through the whole path (decode, preprocess, forward at batch 1
 and at ``max_batch_size``); then it answers 200. A load that fails is logged and stops the server (exit code 1).
 
-Images are decoded and preprocessed in a pool of ``decode_workers`` threads, off the event loop; the model runs in
-the batcher's own thread (:mod:`.batching`).
+Images are decoded in a pool of ``decode_workers`` threads, off the event loop; preprocessing and the model run on
+whole batches in the batcher's own thread (:mod:`.batching`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,7 @@ class Runtime:
         self.started_at = time.time()
         self._pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="crossmetric-decode")
         self._loading: asyncio.Task | None = None
+        self._version = f"crossmetric {version('crossmetric')}"
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -88,8 +90,10 @@ class Runtime:
             started = time.perf_counter()
             source = await asyncio.to_thread(check_model, s.model, s.backend)
             location, watch = find_index(s.index, source)
-            self.model = await asyncio.to_thread(load_served_model, source, s.backend, s.device, s.max_image_pixels)
-            self.batcher = DynamicBatcher(self.model.forward, s.max_batch_size, s.max_wait_ms)
+            self.model = await asyncio.to_thread(
+                load_served_model, source, s.backend, s.device, s.max_image_pixels, s.resolved_model_threads()
+            )
+            self.batcher = DynamicBatcher(self.model.embed_images, s.max_batch_size, s.max_wait_ms)
             self.batcher.start()
             self.thumbnails = Thumbnails(self.model.decode)
             self.index_watch = IndexWatch(
@@ -132,8 +136,8 @@ class Runtime:
         """Run ``function(*args)`` in the decode pool."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
 
-    def _decode_all(self, images: list[RawImage]) -> np.ndarray:
-        """Decode and preprocess a request's images (blocking); 422 naming the first that does not decode."""
+    def _decode_all(self, images: list[RawImage]) -> list[Image.Image]:
+        """Decode a request's images (blocking); 422 naming the first that does not decode."""
         assert self.model is not None
         decoded = []
         for image in images:
@@ -141,26 +145,26 @@ class Runtime:
                 decoded.append(self.model.decode(image.data))
             except UndecodableImage as error:
                 raise ServeError("image", f"{image.name} could not be decoded: {error.reason}.") from None
-        return self.model.preprocess(decoded)
+        return decoded
 
-    async def embed_with_pixels(self, images: list[RawImage]) -> tuple[np.ndarray, np.ndarray]:
-        """``(embeddings, pixel values)`` of a request's images, in order, through the shared batcher."""
+    async def embed_with_images(self, images: list[RawImage]) -> tuple[np.ndarray, list[Image.Image]]:
+        """``(embeddings, decoded images)`` of a request's images, in order, through the shared batcher."""
         assert self.batcher is not None
         count = len(images)
         self.batcher.expect(count)
         try:
-            pixels = await self.run_off_loop(self._decode_all, images)
+            decoded = await self.run_off_loop(self._decode_all, images)
         except BaseException:
             self.batcher.forget(count)
             raise
         try:
-            return await self.batcher.embed(pixels, announced=count), pixels
+            return await self.batcher.embed(decoded, announced=count), decoded
         except Exception as error:
             raise ServeError("backend", f"the model failed on this batch ({type(error).__name__}).") from None
 
     async def embed(self, images: list[RawImage]) -> np.ndarray:
         """The embeddings of a request's images, in order."""
-        return (await self.embed_with_pixels(images))[0]
+        return (await self.embed_with_images(images))[0]
 
     @property
     def index(self) -> LoadedIndex | None:
@@ -168,8 +172,6 @@ class Runtime:
 
     def info(self) -> dict[str, Any]:
         """What ``/info`` shows: the model, backend, embedding size, index kind and size, and the limits."""
-        from importlib.metadata import version
-
         model = self.model
         loaded = self.index
         return {
@@ -181,5 +183,5 @@ class Runtime:
             "index": loaded.info() if loaded else None,
             "limits": self.settings.limits(),
             "ready": self.ready,
-            "version": f"crossmetric {version('crossmetric')}",
+            "version": self._version,
         }

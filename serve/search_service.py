@@ -29,11 +29,11 @@ def check_k(value: Any) -> int:
     return value
 
 
-def rerank(candidates: Results, k: int, query_pixels: np.ndarray | None = None) -> Results:
+def rerank(candidates: Results, k: int, query_images: list[Any] | None = None) -> Results:
     """The re-rank step after the index search: re-order each query's candidates, keep the best ``k``.
 
     No re-ranker is loaded in this version (the command refuses ``--rerank_top_k`` without one), so the first-stage
-    order stands; the re-ranker scores ``(query_pixels[i], candidate)`` pairs here.
+    order stands; the re-ranker scores ``(query_images[i], candidate)`` pairs here.
     """
     return [hits[:k] for hits in candidates]
 
