@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 
 from crossmetric import CrossMetricForMetricLearning
+from crossmetric.data.embedded import load_embedded
 from crossmetric.hub.onnx_export import export_onnx
-from crossmetric.hub.sentence_transformers_files import sentence_transformers_files
+from crossmetric.inference.pretrained import load_pretrained_backbone
+from crossmetric.model_cards.sentence_transformers_files import sentence_transformers_files
 from crossmetric.modeling.modeling_crossmetric import save_embedder
 from crossmetric.retrieval.build import build_index
 from crossmetric.training.config import TrainingConfig
-from crossmetric.training.data.embedded import load_embedded
 from crossmetric.training.embedding_init import initialize_embedding_from_features
-from crossmetric.training.pretrained import load_pretrained_backbone
 
 
 def folder_name(text: str) -> str:

@@ -7,8 +7,14 @@ model loading or image decoding changes this file only:
 - :func:`load_served_model` loads the embedder and its image processor with the torch or ONNX backend;
 - :meth:`ServedModel.decode` turns the bytes of one upload into an RGB image with crossmetric's robust decoding
   (EXIF orientation, 16-bit, alpha on white; truncated, corrupt, non-image and decompression-bomb inputs refused with
-  the reason), and :meth:`ServedModel.embed_images` applies the model's own image processor to a batch and returns
-  its L2-normalised embeddings (``pooler_output``).
+  the reason), and :meth:`ServedModel.embed_images` runs one batch of decoded images through the model's own image
+  processor and the per-batch step of crossmetric's embedding loop
+  (:func:`crossmetric.inference.embedding.pooler_output`) and returns their L2-normalised embeddings.
+
+The server does not call the loop itself (:func:`~crossmetric.inference.embedding.embed_images`): it has decoded each
+upload already, in its own threads and with its own pixel limit, so that a 422 can name the input before the batch is
+formed, and the loop would decode every image again and build a ``DataLoader`` per batch (measured on the main job's
+64 px model: 0.5 ms more per batch and 0.2 ms more per image, about a seventh of the server's CPU per image).
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..evaluation.embedding import model_reference
-from ..hub.model_loading import load_embedder, resolve_model
-from ..training.data.image_loading import SkippedImages, load_rgb_image
+from ..data.image_loading import SkippedImages, load_rgb_image
+from ..inference.embedding import model_reference, pooler_output
+from ..inference.loading import load_embedder, resolve_model
+from ..inference.onnx_runtime import OnnxEmbedder
 
 RERANKER_FOLDER = "reranker"
 
@@ -113,23 +120,17 @@ class ServedModel:
         return image
 
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
-        """The embeddings of decoded ``images`` (one batch: preprocessing and forward pass), float32 N × D."""
-        return self.forward(self.preprocess(images))
-
-    def preprocess(self, images: list[Image.Image]) -> np.ndarray:
-        """The model's own preprocessing of ``images``: float32 N × 3 × H × W."""
-        pixel_values = self.processor(images=images, return_tensors="np")["pixel_values"]
-        return np.ascontiguousarray(pixel_values, dtype=np.float32)
-
-    def forward(self, pixel_values: np.ndarray) -> np.ndarray:
-        """``pooler_output`` (the L2-normalised embeddings) of one preprocessed batch, float32 N × D."""
-        if self.backend == "onnx":
-            return self.embedder(pixel_values).pooler_output.numpy()
+        """The embeddings of decoded ``images`` as one batch (preprocessing and forward pass), float32 N × D."""
         import torch
 
+        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        if self.device is not None:
+            pixel_values = pixel_values.to(self.device)
         with torch.inference_mode():
-            output = self.embedder(pixel_values=torch.from_numpy(pixel_values).to(self.device))
-        return output.pooler_output.float().cpu().numpy()
+            embeddings = pooler_output(self.embedder, pixel_values)["embeddings"]
+        if isinstance(embeddings, torch.Tensor):
+            return embeddings.float().cpu().numpy()
+        return np.asarray(embeddings, dtype=np.float32)
 
 
 def load_served_model(
@@ -151,8 +152,6 @@ def load_served_model(
         torch.set_num_threads(threads)
     if backend == "onnx":
         from transformers import AutoImageProcessor
-
-        from ..evaluation.onnx_embedding import OnnxEmbedder
 
         embedder: Any = OnnxEmbedder(str(reference), threads=threads)
         processor = AutoImageProcessor.from_pretrained(embedder.folder)
