@@ -1,7 +1,8 @@
 """``crossmetric serve``: an embedding and search server with a search page (``pip install "crossmetric[serve]"``).
 
     crossmetric serve --model DIR_OR_HUB_ID [--index DIR] [--host 127.0.0.1] [--port 8080] [--backend torch|onnx]
-        [--max_batch_size 32] [--max_wait_ms 5] [--max_concurrent_requests 64] [--max_client_batch_size 32]
+        [--max_batch_size 32] [--max_wait_ms 5 (torch) / 0 (onnx)] [--max_concurrent_requests 64]
+        [--max_client_batch_size 32]
         [--api_key KEY] [--rerank_top_k K]
 
 The model, index and flags are checked before the server starts (exit code 2 with one line on stderr); the model is
@@ -42,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_argument(parser)
     parser.add_argument("--max_batch_size", type=int, default=32, help="images in one forward pass at most")
     parser.add_argument(
-        "--max_wait_ms", type=float, default=5.0, help="wait at most this long for more images before a pass"
+        "--max_wait_ms",
+        type=float,
+        default=None,
+        help="wait at most this long for images still being decoded before a pass (default: 5 torch, 0 onnx)",
     )
     parser.add_argument(
         "--max_concurrent_requests", type=int, default=64, help="requests served at once; more get 429 at once"

@@ -9,7 +9,10 @@ what it costs on one (measured on the main job's 64 px model), as the forward pa
 When the model is idle, a batch waits at most ``max_wait_ms`` for more images, and only while admitted requests
 are still being decoded (:meth:`DynamicBatcher.expect` announces them): a lone client pays no waiting time, and
 clients that arrive together share a pass. Text Embeddings Inference batches the same way (queue, one batching task,
-a backend thread); it needs no wait because its tokenisation is fast, where decoding an image is not.
+a backend thread); it needs no wait because its tokenisation is fast, where decoding an image is not. Waiting pays
+only where a bigger batch costs less per image, so the default wait depends on the backend
+(:data:`~crossmetric.serve.settings.DEFAULT_MAX_WAIT_MS`: none for ONNX Runtime on the CPU, whose time per image does
+not fall with the batch size).
 """
 
 from __future__ import annotations

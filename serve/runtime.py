@@ -93,7 +93,7 @@ class Runtime:
             self.model = await asyncio.to_thread(
                 load_served_model, source, s.backend, s.device, s.max_image_pixels, s.resolved_model_threads()
             )
-            self.batcher = DynamicBatcher(self.model.embed_images, s.max_batch_size, s.max_wait_ms)
+            self.batcher = DynamicBatcher(self.model.embed_images, s.max_batch_size, s.resolved_max_wait_ms())
             self.batcher.start()
             self.thumbnails = Thumbnails(self.model.decode)
             self.index_watch = IndexWatch(
