@@ -72,6 +72,7 @@ def test_64_concurrent_embeds_share_forward_passes_and_equal_pooler_output(serve
     before = call(port, "GET", "/metrics").body.decode()
     answers = burst(lambda i: upload(port, "/embed", [(files[i].name, files[i].read_bytes())]), 64, 64, 120)
     assert [a.status for a in answers] == [200] * 64
+    print(f"64 concurrent /embed: answered {len(answers)}")
     after = call(port, "GET", "/metrics").body.decode()
     passes = metric(after, "crossmetric_batch_size_count") - metric(before, "crossmetric_batch_size_count")
     images = metric(after, "crossmetric_batch_size_sum") - metric(before, "crossmetric_batch_size_sum")
@@ -79,6 +80,7 @@ def test_64_concurrent_embeds_share_forward_passes_and_equal_pooler_output(serve
         before, 'crossmetric_batch_size_bucket{le="1.0"}'
     )
     assert images == 64 and passes < 64 and singles < passes, (passes, singles)  # some passes held several requests
+    print(f"64 concurrent /embed: {passes:.0f} forward passes, {singles:.0f} of them of one image")
     served_embeddings = np.array([a.json()[0] for a in answers], dtype=np.float32)
     np.testing.assert_allclose(served_embeddings, embed_reference(served.model, files), atol=1e-5, rtol=0)
     assert 'crossmetric_requests_total{route="/embed",status="200"}' in after
@@ -240,6 +242,8 @@ def test_an_index_rebuilt_under_load_is_served_without_a_failed_request(served, 
         stop.set()
         for thread in threads:
             thread.join(timeout=90)
+    print(f"rebuild under load: sent {len(answers)}, answered {sum(a.status == 200 for a in answers)}, "
+          f"sizes {sorted(set(sizes))}")  # fmt: skip
     assert answers and all(a.status == 200 for a in answers), sorted({a.status for a in answers})
     assert set(sizes) == {size_before, size_before + 3}  # answered from the old index, then from the new one
     metrics = call(port, "GET", "/metrics").body.decode()
