@@ -1,6 +1,6 @@
 """The ``crossmetric`` command: a dispatcher to one module per command.
 
-    crossmetric {train,evaluate,export,push,index build,search} [--log_level LEVEL] [--help]
+    crossmetric {train,evaluate,export,push,index build,search,serve} [--log_level LEVEL] [--help]
 
 ``crossmetric train`` with no arguments is the main job: the glyph benchmark from ImageNet weights that pip brings,
 with the cross-image-attention head, evaluated on unseen classes and exported to ``outputs/<run>/model``.
@@ -28,8 +28,9 @@ COMMANDS = {
     "push": ".push",
     "index": ".index",
     "search": ".search",
+    "serve": ".serve",
 }
-USAGE = "usage: crossmetric {train,evaluate,export,push,index build,search} [--log_level LEVEL] [--help]"
+USAGE = "usage: crossmetric {train,evaluate,export,push,index build,search,serve} [--log_level LEVEL] [--help]"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,9 @@ from _training_fixtures import make_shapes_folder
 from crossmetric.cli import main as cli
 from crossmetric.cli.logging_setup import split_log_level
 
-HELP_COMMANDS = [[], ["train"], ["evaluate"], ["export"], ["push"], ["index"], ["index", "build"], ["search"]]
+HELP_COMMANDS = [
+    [], ["train"], ["evaluate"], ["export"], ["push"], ["index"], ["index", "build"], ["search"], ["serve"],
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", HELP_COMMANDS, ids=lambda c: " ".join(c) or "crossmetric")

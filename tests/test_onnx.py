@@ -133,3 +133,41 @@ def test_the_card_shows_every_route_and_the_onnx_check(exported) -> None:
     assert "fp32 0.7500, 8-bit\n0.7456" in card
     without = str(render_model_card(CrossMetricModelCardData.from_config(model.config)))
     assert "--onnx" in without and "onnxruntime.Inference" not in without
+
+
+def test_an_8bit_file_that_misses_its_check_is_left_out_and_the_export_still_serves(
+    tmp_path_factory, tmp_path, monkeypatch, capsys
+) -> None:
+    import _fault_helpers
+    from _retrieval_fixtures import embed_reference
+    from _serve_fixtures import Server, call, multipart
+
+    run = _fault_helpers.trained_run(tmp_path_factory.getbasetemp() / "trained")
+    monkeypatch.setattr(onnx_export, "MAX_RECALL_DROP", -1.0)  # forced: every 8-bit file now misses its check
+    out = tmp_path / "export"
+    capsys.readouterr()
+    with _fault_helpers.one_thread():
+        code = main(["export", "--checkpoint", str(run), "--output_dir", str(out), "--onnx", "--onnx_recall", "on"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert (out / "onnx" / "model.onnx").is_file() and not (out / "onnx" / "model_quantized.onnx").exists()
+    check = json.loads((out / "onnx" / "export_check.json").read_text())
+    assert check["fp32_max_difference"] <= 1e-4 and "int8_bytes" not in check
+    assert "Recall@1" in check["int8_skipped"] and "fp32_recall_at_1" in check
+    warnings = [line for line in captured.err.splitlines() if "model_quantized.onnx left out" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING")
+    for chatter in ("Optimize the ONNX graph", "pre-processing before quantization", "[torch.onnx]"):
+        assert chatter not in captured.out + captured.err
+    card = (out / "README.md").read_text()
+    assert "**No 8-bit file:**" in card and check["int8_skipped"] in card
+    assert OnnxEmbedder(out).onnx_file == "model.onnx"  # search --backend onnx and serve run the fp32 file
+
+    server = Server(["--model", str(out), "--backend", "onnx"])
+    try:
+        query = sorted((tmp_path_factory.getbasetemp() / "trained" / "shapes").rglob("*.png"))[:2]
+        answer = call(server.port, "POST", "/embed", *multipart([(q.name, q.read_bytes()) for q in query]))
+        info = call(server.port, "GET", "/info").json()
+    finally:
+        server.stop()
+    assert answer.status == 200 and info["backend"] == "onnx" and info["onnx_file"] == "model.onnx"
+    np.testing.assert_allclose(answer.json(), embed_reference(out, query), atol=1e-4, rtol=0)

@@ -15,7 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_FOLDERS = (
-    "modeling", "utils", "data", "inference", "evaluation", "model_cards", "training", "hub", "retrieval", "cli",
+    "modeling", "utils", "data", "inference", "evaluation", "model_cards", "training", "hub", "retrieval", "serve",
+    "cli",
 )  # fmt: skip
 
 
