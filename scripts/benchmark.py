@@ -27,67 +27,47 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+# Each row spells out its head settings, so that it keeps its meaning whatever the defaults are. HEAD_BEFORE is the
+# head as it trained before issue 20 (its loss reaches the backbone, no transfer); LISTWISE the transfer that issue
+# 20's search selected (the head on detached tokens teaching the embedding its top-8 order).
+HEAD_BEFORE: dict[str, Any] = {"cia_levels": 2, "cia_detach": False, "cia_distill_weight": 0.0}
+DETACHED: dict[str, Any] = {"cia_levels": 2, "cia_detach": True, "cia_distill_weight": 0.0}
+LISTWISE: dict[str, Any] = {
+    **DETACHED, "cia_distill_weight": 50.0, "cia_distill_form": "listwise", "cia_distill_temperature": 0.1,
+    "cia_distill_top_k": 8, "cia_distill_warmup_steps": 60,
+}  # fmt: skip
 ROWS: dict[str, dict[str, Any]] = {
-    "baseline": {"cia_levels": 0},
-    "cia": {},  # the recipe's head: 2 levels, query from the other image, lambda 1, every level
-    "cia_levels_1": {"cia_levels": 1},
-    "cia_levels_3": {"cia_levels": 3},
-    "cia_query_self": {"cia_query": "self"},  # control: no conditioning (the query is the image's own)
-    "cia_query_shuffled": {"cia_query": "shuffled"},  # control: conditioned on a random third image, not the partner
-    "cia_lambda_0.5": {"cia_loss_weight": 0.5},
-    "cia_lambda_2": {"cia_loss_weight": 2.0},
-    "cia_last_level_only": {"cia_level_weights": [0.0, 1.0]},
+    "baseline": {"cia_levels": 0, "cia_distill_weight": 0.0},
+    "cia": HEAD_BEFORE,  # 2 levels, query from the other image, lambda 1, every level, gradient into the backbone
+    "cia_levels_1": {**HEAD_BEFORE, "cia_levels": 1},
+    "cia_levels_3": {**HEAD_BEFORE, "cia_levels": 3},
+    "cia_query_self": {**HEAD_BEFORE, "cia_query": "self"},  # control: no conditioning (the query is the image's own)
+    "cia_query_shuffled": {**HEAD_BEFORE, "cia_query": "shuffled"},  # control: a random third image, not the partner
+    "cia_lambda_0.5": {**HEAD_BEFORE, "cia_loss_weight": 0.5},
+    "cia_lambda_2": {**HEAD_BEFORE, "cia_loss_weight": 2.0},
+    "cia_last_level_only": {**HEAD_BEFORE, "cia_level_weights": [0.0, 1.0]},
     # the head's token stage (the recipe's is stride 16: 4×4 at 64 px): stride 8 (8×8) and the last map (2×2)
-    "cia_token_stride_8": {"cia_token_stride": 8},
-    "cia_token_stride_last": {"cia_token_stride": 0},
+    "cia_token_stride_8": {**HEAD_BEFORE, "cia_token_stride": 8},
+    "cia_token_stride_last": {**HEAD_BEFORE, "cia_token_stride": 0},
     # issue 20, the transfer from the head to the embedding: a lighter head (lambda), the head on detached tokens
     # (its loss never reaches the embedder: a re-ranker), and the head's similarities taught to the embedding
-    "cia_lambda_0.1": {"cia_loss_weight": 0.1},
-    "cia_lambda_0.3": {"cia_loss_weight": 0.3},
-    "cia_detach": {"cia_detach": True},
-    "cia_distill_kl": {"cia_distill_weight": 50.0},  # S2SD's defaults (T = 1, weight 50) on today's head
-    "cia_detach_distill_kl": {"cia_detach": True, "cia_distill_weight": 50.0},
-    "cia_detach_distill_listwise": {
-        "cia_detach": True,
-        "cia_distill_weight": 50.0,
-        "cia_distill_form": "listwise",
-        "cia_distill_temperature": 0.1,
-        "cia_distill_top_k": 8,
-        "cia_distill_warmup_steps": 60,
-    },  # fmt: skip
+    "cia_lambda_0.1": {**HEAD_BEFORE, "cia_loss_weight": 0.1},
+    "cia_lambda_0.3": {**HEAD_BEFORE, "cia_loss_weight": 0.3},
+    "cia_detach": DETACHED,
+    "cia_stage": {**DETACHED, "cia_detach": False, "reranker_stage_steps": 150},  # the head after the embedder
+    "cia_distill_kl": {**HEAD_BEFORE, "cia_distill_weight": 50.0},  # S2SD's defaults (T = 1, weight 50)
+    "cia_detach_distill_kl": {**DETACHED, "cia_distill_weight": 50.0},
+    "cia_detach_distill_listwise": LISTWISE,
     "cia_detach_distill_margin": {
-        "cia_detach": True,
+        **DETACHED,
         "cia_distill_weight": 10.0,
         "cia_distill_form": "margin_mse",
         "cia_distill_warmup_steps": 60,
     },  # fmt: skip
     # the controls with the listwise transfer: no conditioning, and a random third image
-    "cia_query_self_detach_distill_listwise": {
-        "cia_query": "self",
-        "cia_detach": True,
-        "cia_distill_weight": 50.0,
-        "cia_distill_form": "listwise",
-        "cia_distill_temperature": 0.1,
-        "cia_distill_top_k": 8,
-        "cia_distill_warmup_steps": 60,
-    },  # fmt: skip
-    "cia_query_shuffled_detach_distill_listwise": {
-        "cia_query": "shuffled",
-        "cia_detach": True,
-        "cia_distill_weight": 50.0,
-        "cia_distill_form": "listwise",
-        "cia_distill_temperature": 0.1,
-        "cia_distill_top_k": 8,
-        "cia_distill_warmup_steps": 60,
-    },  # fmt: skip
-    "cia_lambda_0.1_distill_listwise": {
-        "cia_loss_weight": 0.1,
-        "cia_distill_weight": 50.0,
-        "cia_distill_form": "listwise",
-        "cia_distill_temperature": 0.1,
-        "cia_distill_top_k": 8,
-        "cia_distill_warmup_steps": 60,
-    },  # fmt: skip
+    "cia_query_self_detach_distill_listwise": {**LISTWISE, "cia_query": "self"},
+    "cia_query_shuffled_detach_distill_listwise": {**LISTWISE, "cia_query": "shuffled"},
+    "cia_lambda_0.1_distill_listwise": {**LISTWISE, "cia_detach": False, "cia_loss_weight": 0.1},
 }
 CONTROLS = ("cia_query_self", "cia_query_shuffled")  # conditioning is shown only where CIA beats both (§4)
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi")
