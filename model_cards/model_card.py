@@ -118,6 +118,8 @@ class CrossMetricModelCardData:
     cia_heads: int | None = None
     cia_dim: int | None = None
     cia_query: str | None = None
+    cia_detach: bool | None = None  # the head trained on detached features: its loss never reached the embedder
+    transfer: str | None = None  # how the head's similarities taught the embedding, e.g. "listwise (top 8, T 0.1)"
     datasets: list[str] = field(default_factory=list)  # training datasets (Hub ids or names)
     license: str | None = None
     language: list[str] | None = None
@@ -134,7 +136,7 @@ class CrossMetricModelCardData:
     def from_config(cls, config: Any, **fields: Any) -> CrossMetricModelCardData:
         """Take the architecture fields from a ``CrossMetricConfig`` (any object with those attributes)."""
         names = ("backbone", "embedding_dim", "image_size", "pooling", "cia_levels", "cia_heads", "cia_dim")
-        values = {name: getattr(config, name, None) for name in (*names, "cia_query")}
+        values = {name: getattr(config, name, None) for name in (*names, "cia_query", "cia_detach")}
         return cls(**{**values, **fields})
 
     def add_evaluation(

@@ -40,6 +40,7 @@ def card_data_for_run(
         datasets=[str(config.dataset)] if not os.path.isabs(str(config.dataset)) else [],
         license=source.license if source is not None else "apache-2.0",
         hyperparameters=config.non_default_values(),
+        transfer=_transfer(config),
     )
     last_loss = None
     for record in history:
@@ -92,3 +93,15 @@ def export_files(
     if metrics:
         files[METRICS_FILE] = json.dumps(metrics, indent=2)
     return files
+
+
+def _transfer(config: Any) -> str | None:
+    """The head-to-embedding transfer of a run, in words (None when it had none)."""
+    weight = getattr(config, "cia_distill_weight", 0.0)
+    if not weight or not getattr(config, "cia_levels", 0):
+        return None
+    form = config.cia_distill_form
+    detail = f"top {config.cia_distill_top_k}, " if form == "listwise" else ""
+    if form != "margin_mse":
+        detail += f"temperature {config.cia_distill_temperature:g}, "
+    return f"{form} distillation ({detail}weight {weight:g}, warm-up {config.cia_distill_warmup_steps} steps)"

@@ -125,6 +125,8 @@ def test_a_transfer_run_logs_its_term_and_exports_no_head_keys(shapes, tmp_path)
     export = result.export()
     with safe_open(export / "model.safetensors", "pt") as weights:
         assert not [k for k in weights.keys() if k.startswith("head.")]
+    card = " ".join((export / "README.md").read_text().split())
+    assert "that trained the head alone" in card and "listwise distillation (top 3, temperature 1" in card
 
 
 def test_a_run_with_the_head_writes_a_reranker_chosen_on_validation(tmp_path) -> None:
