@@ -8,6 +8,10 @@
 The model, index and flags are checked before the server starts (exit code 2 with one line on stderr); the model is
 then loaded in the background while ``/health`` answers 503. The API key can come from ``CROSSMETRIC_API_KEY``
 instead of the command line (where other users of the machine can read it in the process list).
+
+``--rerank_top_k K`` re-ranks each ``/search``'s K nearest with the model's re-ranker (``MODEL/reranker/``), as
+``crossmetric search --rerank_top_k`` does; it needs the torch backend and an index built with the head's tokens, and
+is refused at start otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .arguments import add_backend_argument, add_device_argument, report_error
@@ -62,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"require 'Authorization: Bearer KEY' (except /health); or set {API_KEY_VARIABLE}",
     )
     parser.add_argument(
-        "--rerank_top_k", type=int, default=None, help="re-rank this many candidates (a model exported with reranker/)"
+        "--rerank_top_k",
+        type=int,
+        default=None,
+        help="re-rank this many nearest with the model's re-ranker (an export with reranker/, --backend torch)",
     )
     parser.add_argument(
         "--index_poll_interval", type=float, default=2.0, help="seconds between checks for a rebuilt index (0: never)"
@@ -77,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_arguments(ns: argparse.Namespace) -> tuple[ServeSettings, str]:
     """``(ServeSettings, the resolved model source)``, checked: ValueError naming the flag at fault."""
     from ..serve.index_watch import find_index
-    from ..serve.model_adapter import check_model, has_reranker
+    from ..serve.model_adapter import check_model, find_served_reranker, no_reranker_refusal, reranker_config_of
+    from ..serve.search_service import check_index_folder_for_reranker
     from ..serve.settings import ServeSettings
 
     if not 0 <= ns.port <= 65535:
@@ -91,13 +100,12 @@ def settings_from_arguments(ns: argparse.Namespace) -> tuple[ServeSettings, str]
         index_poll_interval=ns.index_poll_interval, decode_workers=ns.decode_workers, model_threads=ns.model_threads,
     )  # fmt: skip
     source = check_model(ns.model, ns.backend)
-    if ns.rerank_top_k is not None:
-        if not has_reranker(source):
-            raise ValueError(
-                f"--rerank_top_k needs a model exported with a re-ranker ({ns.model}/reranker/); this model has none."
-            )
-        raise ValueError("--rerank_top_k: re-ranking is not available in this version of crossmetric serve yet.")
-    find_index(ns.index, source)  # a wrong --index fails here, before any weight is read
+    reranker = find_served_reranker(source) if ns.rerank_top_k is not None else None
+    if ns.rerank_top_k is not None and reranker is None:
+        raise ValueError(no_reranker_refusal(ns.model))
+    location, watched = find_index(ns.index, source)  # a wrong --index fails here, before any weight is read
+    if reranker is not None and watched and location is not None:  # a Hub index is checked when it is loaded
+        check_index_folder_for_reranker(Path(location), reranker_config_of(reranker))
     return settings, str(source)
 
 

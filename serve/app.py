@@ -4,6 +4,8 @@ Routes (Text Embeddings Inference's shapes where it has the route):
 
 - ``POST /embed``: images (JSON ``{"inputs": base64 | data-URI | [...]}`` or multipart ``images``) -> ``[[float]]``;
 - ``POST /search?k=``: the same inputs (``k`` also as a JSON field) -> per query ``[{"id", "label", "score", "path"}]``;
+  with ``--rerank_top_k K`` the first ``K`` are re-ranked and each hit also has ``"cosine"``, ``"head_score"`` and
+  ``"reranked"`` (:mod:`.search_service`);
 - ``GET /info``, ``GET /health`` (200 once loaded and warmed up, 503 before), ``GET /metrics`` (Prometheus);
 - ``GET /``: the search page; ``GET /thumbnail?id=``: a gallery thumbnail; ``GET /docs``: the OpenAPI docs.
 
@@ -30,7 +32,7 @@ from .errors import ServeError, error_response, status_error_type
 from .inputs import read_request
 from .middleware import ApiKeyMiddleware, MetricsMiddleware, PayloadLimitMiddleware
 from .runtime import Runtime
-from .search_service import check_k, require_index, search
+from .search_service import check_k
 from .settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -55,10 +57,15 @@ class SearchRequest(EmbedRequest):
 
 
 class Hit(BaseModel):
+    """One search result; the last three fields only when the server re-ranks (``--rerank_top_k``)."""
+
     id: str
     label: str | None
-    score: float
+    score: float = Field(description="cosine similarity, or the re-ranker's fused score for a re-ranked hit")
     path: str | None
+    cosine: float | None = Field(default=None, description="the embedding's cosine similarity (re-ranking only)")
+    head_score: float | None = Field(default=None, description="the re-ranker head's similarity (None past K)")
+    reranked: bool | None = Field(default=None, description="whether the re-ranker re-scored this hit")
 
 
 def _body(model: type[BaseModel]) -> dict[str, Any]:
@@ -147,19 +154,18 @@ def create_app(settings: ServeSettings, runtime: Runtime | None = None) -> Any:
 
     @app.post("/search", openapi_extra=_body(SearchRequest), responses=ERRORS, response_model=list[list[Hit]])
     async def search_route(request: Request, k: str | None = Query(default=None, description="neighbours")) -> Response:
-        """The ``k`` nearest gallery entries of each query image, best first (cosine similarity)."""
+        """The ``k`` nearest gallery entries of each query image, best first (cosine similarity; with
+        ``--rerank_top_k K``, the first ``K`` re-ranked by the model's re-ranker)."""
         runtime.require_ready()
         with runtime.permits.hold():
             parsed = await read_request(request, settings.max_client_batch_size, True, runtime.run_off_loop)
             count = check_k(parsed.k if parsed.k is not None else (k if k is not None else DEFAULT_K))
-            require_index(runtime.index)
-            embeddings, _queries = await runtime.embed_with_images(parsed.images)  # queries: for a re-ranker
-            results = await runtime.run_off_loop(search, runtime.index, embeddings, count, settings.rerank_top_k)
+            results = await runtime.search_images(parsed.images, count)
         return json_response(results)
 
     @app.get("/info")
     async def info() -> Response:
-        """The model, backend, embedding size, index kind and size, and the limits."""
+        """The model, backend, embedding size, index kind and size, re-ranking, and the limits."""
         return json_response(runtime.info())
 
     @app.get("/health", responses={503: {"model": ErrorBody, "description": "still loading"}})

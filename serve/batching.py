@@ -13,6 +13,9 @@ a backend thread); it needs no wait because its tokenisation is fast, where deco
 only where a bigger batch costs less per image, so the default wait depends on the backend
 (:data:`~crossmetric.serve.settings.DEFAULT_MAX_WAIT_MS`: none for ONNX Runtime on the CPU, whose time per image does
 not fall with the batch size).
+
+A pass may return more than the embeddings: with a re-ranker loaded, ``forward`` returns a tuple of row-aligned arrays
+(the embeddings and the re-ranker's tokens, from the same backbone pass), and each request gets its rows of each.
 """
 
 from __future__ import annotations
@@ -29,6 +32,23 @@ from typing import Any
 import numpy as np
 
 logger = logging.getLogger(__name__)
+Rows = Any  # what a pass returns: an N × ... array, or a tuple of arrays with N rows each
+
+
+def _rows(outputs: Rows, start: int, stop: int) -> Rows:
+    """Rows ``start:stop`` of a pass's outputs (of each array of a tuple)."""
+    if isinstance(outputs, tuple):
+        return tuple(part[start:stop] for part in outputs)
+    return outputs[start:stop]
+
+
+def _concatenate(parts: list[Rows]) -> Rows:
+    """The outputs of one request's chunks, joined (array by array for tuples)."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], tuple):
+        return tuple(np.concatenate(column) for column in zip(*parts))
+    return np.concatenate(parts)
 
 
 @dataclass
@@ -41,7 +61,8 @@ class _Chunk:
 
 
 class DynamicBatcher:
-    """Batch the images of concurrent requests into calls of ``forward`` (N images -> an N × D array).
+    """Batch the images of concurrent requests into calls of ``forward`` (N images -> an N × D array, or a tuple of
+    arrays of N rows each).
 
     Args:
         forward: preprocesses and embeds one batch; called in the batcher's own thread, one batch at a time.
@@ -52,7 +73,7 @@ class DynamicBatcher:
 
     def __init__(
         self,
-        forward: Callable[[list[Any]], np.ndarray],
+        forward: Callable[[list[Any]], Rows],
         max_batch_size: int = 32,
         max_wait_ms: float = 5.0,
         observe: Callable[[int, list[float], float], None] | None = None,
@@ -99,9 +120,9 @@ class DynamicBatcher:
         if self._wakeup is not None:
             self._wakeup.set()
 
-    async def embed(self, images: list[Any], announced: int = 0) -> np.ndarray:
-        """The embeddings of ``images``, in order; ``announced``: how many of them :meth:`expect` announced (they are
-        no longer expected once queued)."""
+    async def embed(self, images: list[Any], announced: int = 0) -> Rows:
+        """The embeddings of ``images`` (what ``forward`` returns for them), in order; ``announced``: how many of them
+        :meth:`expect` announced (they are no longer expected once queued)."""
         if self._task is None or self._wakeup is None:
             raise RuntimeError("the batcher is not running")
         loop = asyncio.get_running_loop()
@@ -114,7 +135,7 @@ class DynamicBatcher:
         self._expected = max(0, self._expected - announced)
         self._wakeup.set()
         parts = await asyncio.gather(*(chunk.future for chunk in chunks))
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return _concatenate(list(parts))
 
     # -- the batching task -------------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -139,7 +160,7 @@ class DynamicBatcher:
             started = time.perf_counter()
             images = [image for chunk in batch for image in chunk.images]
             try:
-                embeddings = await loop.run_in_executor(self._thread, self.forward, images)
+                outputs = await loop.run_in_executor(self._thread, self.forward, images)
             except Exception as error:  # the model failed: every request of the batch gets a 424
                 logger.exception("Forward pass of %d images failed", len(images))
                 for chunk in batch:
@@ -155,7 +176,7 @@ class DynamicBatcher:
             for chunk in batch:
                 rows = len(chunk.images)
                 if not chunk.future.done():  # a cancelled request (client gone) just drops its rows
-                    chunk.future.set_result(embeddings[start : start + rows])
+                    chunk.future.set_result(_rows(outputs, start, start + rows))
                 start += rows
 
     def _take(self) -> list[_Chunk]:

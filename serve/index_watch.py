@@ -5,7 +5,9 @@ Chosen: a **watch** of the index folder. Every ``--index_poll_interval`` seconds
 new inode / mtime / size of that file. The new index is then loaded in a thread, checked (the three files agree, the
 embedding size is the model's) and swapped in with one assignment; a request already searching keeps the index it
 started with. A load that fails (the folder caught between the two renames of the swap, files from two saves, another
-model's index) keeps the old index and is retried at the next poll, so no request fails because of a rebuild.
+model's index) keeps the old index and is retried at the next poll, so no request fails because of a rebuild. When
+the server re-ranks, every load (the first one and each reload) is also checked for the re-ranker's head tokens: a
+rebuild without them is refused like any unreadable index, and the previous one kept.
 
 A watch rather than SIGHUP: rebuilding is then the whole procedure (no PID to find, works across containers that
 share the folder), and it cannot kill a server started without the handler. An index given as a Hub id is not
@@ -18,6 +20,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +87,8 @@ class IndexWatch:
         dim: the model's embedding size; an index of another size is refused.
         poll_interval: seconds between polls (0: no reload).
         on_load: called with each newly loaded index (metrics).
+        check: called with each index read, before it is served; raises ``ValueError`` to refuse it (re-ranking:
+            an index without the re-ranker's head tokens).
     """
 
     def __init__(
@@ -93,12 +98,14 @@ class IndexWatch:
         dim: int,
         poll_interval: float = 2.0,
         on_load: Any = None,
+        check: Callable[[EmbeddingIndex], None] | None = None,
     ) -> None:
         self.location = location
         self.watch = watch and poll_interval > 0
         self.dim = dim
         self.poll_interval = poll_interval
         self.on_load = on_load
+        self.check = check
         self.current: LoadedIndex | None = None
         self._signature: tuple[int, int, int] | None = None
         self._failed: tuple[int, int, int] | None = None  # a rebuilt folder that did not load (not retried)
@@ -123,6 +130,8 @@ class IndexWatch:
                 f"the index {self.location} holds {index.dim}-dimensional embeddings but the model makes "
                 f"{self.dim}-dimensional ones: build the index with this model."
             )
+        if self.check is not None:
+            self.check(index)
         return index
 
     def _install(self, index: EmbeddingIndex, signature: tuple[int, int, int] | None) -> None:

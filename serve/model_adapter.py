@@ -5,11 +5,17 @@ model loading or image decoding changes this file only:
 
 - :func:`check_model` resolves a model argument cheaply (no weights read), for the command's early checks;
 - :func:`load_served_model` loads the embedder and its image processor with the torch or ONNX backend;
+- :func:`find_served_reranker` says where the model's re-ranker (``reranker/``) is, without loading it, and
+  :func:`reranker_config_of` reads its configuration alone (the command's early checks);
 - :meth:`ServedModel.decode` turns the bytes of one upload into an RGB image with crossmetric's robust decoding
   (EXIF orientation, 16-bit, alpha on white; truncated, corrupt, non-image and decompression-bomb inputs refused with
   the reason), and :meth:`ServedModel.embed_images` runs one batch of decoded images through the model's own image
   processor and the per-batch step of crossmetric's embedding loop
-  (:func:`crossmetric.inference.embedding.pooler_output`) and returns their L2-normalised embeddings.
+  (:func:`crossmetric.inference.embedding.pooler_output`) and returns their L2-normalised embeddings;
+- with a re-ranker loaded (``--rerank_top_k``), :meth:`ServedModel.forward_batch` runs the loop's
+  :func:`~crossmetric.inference.embedding.embeddings_and_reranker_tokens` step instead: the same single backbone pass
+  gives each image's embedding and the tokens the re-ranker reads. The re-ranker uses the served embedder (it is
+  loaded with it, :func:`~crossmetric.inference.reranker_loading.load_reranker`): there is no second backbone.
 
 The server does not call the loop itself (:func:`~crossmetric.inference.embedding.embed_images`): it has decoded each
 upload already, in its own threads and with its own pixel limit, so that a 422 can name the input before the batch is
@@ -29,11 +35,13 @@ import numpy as np
 from PIL import Image
 
 from ..data.image_loading import SkippedImages, load_rgb_image
-from ..inference.embedding import model_reference, pooler_output
+from ..inference.embedding import embeddings_and_reranker_tokens, model_reference, pooler_output
 from ..inference.loading import load_embedder, resolve_model
 from ..inference.onnx_runtime import OnnxEmbedder
+from ..inference.reranker_loading import Location, find_reranker, load_reranker, reranker_config
+from .settings import RERANK_NEEDS_TORCH
 
-RERANKER_FOLDER = "reranker"
+Batch = np.ndarray | tuple[np.ndarray, np.ndarray]  # embeddings N × D, or (embeddings, re-ranker tokens N × T × C)
 
 
 class UndecodableImage(ValueError):
@@ -61,9 +69,27 @@ def check_model(reference: str, backend: str) -> Path | str:
     return source
 
 
-def has_reranker(source: Path | str) -> bool:
-    """Whether an exported model folder carries a re-ranker (``MODEL/reranker/``)."""
-    return isinstance(source, Path) and (source / RERANKER_FOLDER).is_dir()
+def find_served_reranker(source: Path | str) -> Location | None:
+    """Where the re-ranker of ``source`` (from :func:`check_model`: ``MODEL/reranker/`` or the Hub repo's) is, or
+    None; nothing is loaded (for a Hub id only ``reranker/config.json`` is asked for)."""
+    return find_reranker(source)
+
+
+def no_reranker_refusal(model: str) -> str:
+    """The refusal of ``--rerank_top_k`` for a model argument without a re-ranker."""
+    return f"--rerank_top_k needs a model exported with a re-ranker ({model}/reranker/); this model has none."
+
+
+def reranker_config_of(location: Location) -> Any:
+    """The configuration alone (token stage and channels, fusion) of the re-ranker at ``location``."""
+    return reranker_config(location)
+
+
+def _as_array(value: Any) -> np.ndarray:
+    """A float32 numpy array of a forward output (torch tensor or ONNX Runtime array)."""
+    if hasattr(value, "detach"):
+        return value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float32)
 
 
 @dataclass
@@ -77,6 +103,8 @@ class ServedModel:
         processor: the model's image processor.
         device: where the torch backend runs.
         max_image_pixels: the decompression-bomb limit applied to every decoded input.
+        reference: what an index records about the model (name, embedding size, weight fingerprint).
+        reranker: the model's ``CrossMetricReranker``, sharing ``embedder``, when the server re-ranks (else None).
     """
 
     name: str
@@ -86,6 +114,7 @@ class ServedModel:
     device: Any = None
     max_image_pixels: int = 40_000_000
     reference: dict[str, Any] = field(default_factory=dict)
+    reranker: Any = None
 
     @property
     def embedding_dim(self) -> int:
@@ -119,18 +148,42 @@ class ServedModel:
             raise UndecodableImage(skipped.reasons[0] if skipped.reasons else "not a decodable image")
         return image
 
+    def _pixel_values(self, images: list[Image.Image]) -> Any:
+        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return pixel_values.to(self.device) if self.device is not None else pixel_values
+
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         """The embeddings of decoded ``images`` as one batch (preprocessing and forward pass), float32 N × D."""
         import torch
 
-        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        if self.device is not None:
-            pixel_values = pixel_values.to(self.device)
         with torch.inference_mode():
-            embeddings = pooler_output(self.embedder, pixel_values)["embeddings"]
-        if isinstance(embeddings, torch.Tensor):
-            return embeddings.float().cpu().numpy()
-        return np.asarray(embeddings, dtype=np.float32)
+            return _as_array(pooler_output(self.embedder, self._pixel_values(images))["embeddings"])
+
+    def embed_images_and_tokens(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """``(embeddings N × D, re-ranker tokens N × T × C)`` of decoded ``images``, float32, from one backbone pass
+        (the step ``crossmetric search --rerank_top_k`` embeds its queries with); needs a loaded re-ranker."""
+        import torch
+
+        if self.reranker is None:
+            raise RuntimeError("embed_images_and_tokens needs a loaded re-ranker (--rerank_top_k)")
+        forward = embeddings_and_reranker_tokens(self.reranker.config.token_stage)
+        with torch.inference_mode():
+            outputs = forward(self.embedder, self._pixel_values(images))
+        return _as_array(outputs["embeddings"]), _as_array(outputs["tokens"])
+
+    def forward_batch(self, images: list[Image.Image]) -> Batch:
+        """What one batch of the server runs: the embeddings, and the re-ranker's tokens too when one is loaded."""
+        return self.embed_images_and_tokens(images) if self.reranker is not None else self.embed_images(images)
+
+    def reranker_info(self) -> dict[str, Any] | None:
+        """What ``/info`` shows of the loaded re-ranker (None without one)."""
+        if self.reranker is None:
+            return None
+        config = self.reranker.config
+        return {
+            "token_stage": config.token_stage, "token_dim": int(config.token_dim), "alpha": float(config.alpha),
+            "reranks": bool(config.reranks),
+        }  # fmt: skip
 
 
 def load_served_model(
@@ -139,15 +192,19 @@ def load_served_model(
     device: str | None = None,
     max_image_pixels: int = 40_000_000,
     threads: int | None = None,
+    reranker: Location | None = None,
 ) -> ServedModel:
     """Load ``reference`` (an exported folder or Hub id) with ``backend``; the torch model is moved to ``device``
     (default: cuda when available) and put in eval mode.
 
     ``threads``: intra-op threads of the model (ONNX Runtime's session) and of torch in this process, which the image
-    processor uses with either backend (None: the libraries' defaults).
+    processor uses with either backend (None: the libraries' defaults). ``reranker``: where the model's re-ranker is
+    (:func:`find_served_reranker`), loaded with the served embedder (torch backend only).
     """
     import torch
 
+    if reranker is not None and backend != "torch":
+        raise ValueError(RERANK_NEEDS_TORCH)
     if threads:
         torch.set_num_threads(threads)
     if backend == "onnx":
@@ -161,6 +218,7 @@ def load_served_model(
     embedder, processor = load_embedder(str(reference), backend=backend)
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     embedder = embedder.to(torch_device).eval()
+    loaded = load_reranker(reranker, embedder=embedder).to(torch_device).eval() if reranker is not None else None
     return ServedModel(
-        str(reference), backend, embedder, processor, torch_device, max_image_pixels, model_reference(embedder)
+        str(reference), backend, embedder, processor, torch_device, max_image_pixels, model_reference(embedder), loaded
     )

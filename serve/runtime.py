@@ -6,6 +6,10 @@ and at ``max_batch_size``); then it answers 200. A load that fails is logged and
 
 Images are decoded in a pool of ``decode_workers`` threads, off the event loop; preprocessing and the model run on
 whole batches in the batcher's own thread (:mod:`.batching`).
+
+With ``--rerank_top_k`` the model's re-ranker is loaded with the served embedder, each batch returns the re-ranker's
+tokens next to the embeddings (one backbone pass), every index loaded is checked for the head tokens it needs, and the
+warm-up also re-ranks one query; ``/search`` then re-ranks (:mod:`.search_service`).
 """
 
 from __future__ import annotations
@@ -27,8 +31,17 @@ from .errors import ServeError
 from .index_watch import IndexWatch, LoadedIndex, find_index
 from .inputs import RawImage
 from .metrics import ServerMetrics
-from .model_adapter import ServedModel, UndecodableImage, check_model, load_served_model
+from .model_adapter import (
+    Location,
+    ServedModel,
+    UndecodableImage,
+    check_model,
+    find_served_reranker,
+    load_served_model,
+    no_reranker_refusal,
+)
 from .permits import Permits
+from .search_service import Reranking, Results, require_index, search
 from .settings import ServeSettings
 from .thumbnails import Thumbnails
 
@@ -44,7 +57,7 @@ def warmup_image(size: int) -> bytes:
 
 
 class Runtime:
-    """The server's state; routes call :meth:`embed`, :meth:`search_index` and :meth:`thumbnail`.
+    """The server's state; routes call :meth:`embed`, :meth:`search_images` and ``thumbnails``.
 
     Args:
         settings: the command's configuration.
@@ -60,6 +73,7 @@ class Runtime:
         self.batcher: DynamicBatcher | None = None
         self.index_watch: IndexWatch | None = None
         self.thumbnails: Thumbnails | None = None
+        self.reranking: Reranking | None = None
         self.ready = False
         self.failure: str | None = None
         self.started_at = time.time()
@@ -90,27 +104,35 @@ class Runtime:
             started = time.perf_counter()
             source = await asyncio.to_thread(check_model, s.model, s.backend)
             location, watch = find_index(s.index, source)
+            reranker = await asyncio.to_thread(self._find_reranker, source)
             self.model = await asyncio.to_thread(
-                load_served_model, source, s.backend, s.device, s.max_image_pixels, s.resolved_model_threads()
-            )
-            self.batcher = DynamicBatcher(self.model.embed_images, s.max_batch_size, s.resolved_max_wait_ms())
+                load_served_model, source, s.backend, s.device, s.max_image_pixels, s.resolved_model_threads(),
+                reranker,
+            )  # fmt: skip
+            if self.model.reranker is not None and s.rerank_top_k is not None:
+                self.reranking = Reranking(self.model.reranker, s.rerank_top_k)
+            self.batcher = DynamicBatcher(self.model.forward_batch, s.max_batch_size, s.resolved_max_wait_ms())
             self.batcher.start()
             self.thumbnails = Thumbnails(self.model.decode)
             self.index_watch = IndexWatch(
-                location, watch, self.model.embedding_dim, s.index_poll_interval, self._on_index
-            )
+                location, watch, self.model.embedding_dim, s.index_poll_interval, self._on_index,
+                self.reranking.check_index if self.reranking is not None else None,
+            )  # fmt: skip
             await asyncio.to_thread(self.index_watch.load)
-            warm = warmup_image(self.model.image_size)
+            warm = [RawImage("warm-up", warmup_image(self.model.image_size))]
             for count in sorted({1, s.max_batch_size}):
-                await self.embed([RawImage("warm-up", warm)] * count)
+                await self.embed(warm * count)
+            if self.reranking is not None and self.index is not None:
+                await self.search_images(warm, 1)  # the re-ranker's first pass, before /health says ready
             self.batcher.observe = self.metrics.observe_batch  # from here on: the clients' batches, not the warm-up
             self.index_watch.start()
             self.ready = True
             loaded = self.index_watch.current
             logger.info(
-                "Ready in %.1f s: %s (%s backend, %d-dimensional embeddings), index: %s.",
+                "Ready in %.1f s: %s (%s backend, %d-dimensional embeddings), index: %s%s.",
                 time.perf_counter() - started, s.model, s.backend, self.model.embedding_dim,
                 f"{loaded.source} ({len(loaded.index)} entries)" if loaded else "none (/search answers 424)",
+                f", re-ranking the {s.rerank_top_k} nearest" if self.reranking is not None else "",
             )  # fmt: skip
         except asyncio.CancelledError:
             raise
@@ -119,6 +141,16 @@ class Runtime:
             logger.error("crossmetric serve could not start: %s", self.failure)
             if self.on_fatal is not None:
                 self.on_fatal(self.failure)
+
+    def _find_reranker(self, source: Any) -> Location | None:
+        """Where the model's re-ranker is when ``--rerank_top_k`` asks for one (the command refused a model without
+        one already; this refuses it for a server started from Python)."""
+        if self.settings.rerank_top_k is None:
+            return None
+        location = find_served_reranker(source)
+        if location is None:
+            raise ValueError(no_reranker_refusal(self.settings.model))
+        return location
 
     def _on_index(self, loaded: LoadedIndex) -> None:
         self.metrics.index_size.set(len(loaded.index))
@@ -147,8 +179,9 @@ class Runtime:
                 raise ServeError("image", f"{image.name} could not be decoded: {error.reason}.") from None
         return decoded
 
-    async def embed_with_images(self, images: list[RawImage]) -> tuple[np.ndarray, list[Image.Image]]:
-        """``(embeddings, decoded images)`` of a request's images, in order, through the shared batcher."""
+    async def embed_with_tokens(self, images: list[RawImage]) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(embeddings, re-ranker tokens or None)`` of a request's images, in order, through the shared batcher
+        (the tokens come from the same pass when a re-ranker is loaded)."""
         assert self.batcher is not None
         count = len(images)
         self.batcher.expect(count)
@@ -158,13 +191,21 @@ class Runtime:
             self.batcher.forget(count)
             raise
         try:
-            return await self.batcher.embed(decoded, announced=count), decoded
+            outputs = await self.batcher.embed(decoded, announced=count)
         except Exception as error:
             raise ServeError("backend", f"the model failed on this batch ({type(error).__name__}).") from None
+        return outputs if isinstance(outputs, tuple) else (outputs, None)
 
     async def embed(self, images: list[RawImage]) -> np.ndarray:
         """The embeddings of a request's images, in order."""
-        return (await self.embed_with_images(images))[0]
+        return (await self.embed_with_tokens(images))[0]
+
+    async def search_images(self, images: list[RawImage], k: int) -> Results:
+        """The ``k`` nearest index entries of each of a request's images (re-ranked with ``--rerank_top_k``)."""
+        require_index(self.index)
+        embeddings, tokens = await self.embed_with_tokens(images)
+        loaded = self.index  # the index of this moment: a reload swaps in a new one, already checked
+        return await self.run_off_loop(search, loaded, embeddings, k, self.reranking, tokens)
 
     @property
     def index(self) -> LoadedIndex | None:
@@ -181,6 +222,9 @@ class Runtime:
             "embedding_dim": model.embedding_dim if model else None,
             "image_size": model.image_size if model else None,
             "index": loaded.info() if loaded else None,
+            "rerank_top_k": self.settings.rerank_top_k,
+            "reranker_loaded": self.reranking is not None,
+            "reranker": model.reranker_info() if model else None,
             "limits": self.settings.limits(),
             "ready": self.ready,
             "version": self._version,

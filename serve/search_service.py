@@ -1,23 +1,50 @@
 """The search path: query embeddings -> nearest index entries -> (the re-rank step) -> results.
 
-:func:`search` is the one place a query meets the index. Its steps are kept apart so that the re-ranker of the
-re-ranking issue slots in as :func:`rerank`: the first stage fetches ``rerank_top_k`` candidates when re-ranking is
-on (``k`` otherwise), and :func:`rerank` re-orders the first ``rerank_top_k`` of them with the query images and
-returns the best ``k``. Until a re-ranker exists, ``crossmetric serve`` refuses ``--rerank_top_k`` (it needs a model
-exported with ``reranker/``), so :func:`rerank` only keeps the first ``k``.
+:func:`search` is the one place a query meets the index. Without ``--rerank_top_k`` it returns the index's ``k``
+nearest, ``{"id", "label", "score", "path"}`` each. With it (a model exported with ``reranker/``, torch backend, an
+index built with the head's tokens), :func:`rerank` takes over, exactly as ``crossmetric search --rerank_top_k K`` and
+the ``image-retrieval`` pipeline do (:func:`~crossmetric.retrieval.reranking.search_and_rerank`): the first stage
+fetches ``max(k, K)`` candidates, the first ``K`` are re-scored by the re-ranker
+(:meth:`~crossmetric.modeling.reranking_crossmetric.CrossMetricReranker.rank`) on the tokens the index stores for them
+and the query's own tokens, which came out of the same backbone pass as its embedding (the server's batch runs
+:func:`~crossmetric.inference.embedding.embeddings_and_reranker_tokens`); items past ``K`` keep the embedding's order,
+below them; the best ``k`` are returned. Each hit then also carries ``"cosine"`` (the embedding's score),
+``"head_score"`` (None past ``K``) and ``"reranked"``; ``"score"`` is the fused score of a re-ranked item.
+
+An index without head tokens, or with tokens another re-ranker reads, is refused: by the command before it starts
+(:func:`check_index_folder_for_reranker`, from ``metadata.json`` alone), at load, and at every reload of the watched
+folder (the previous index is then kept).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
+from ..retrieval.head_tokens import HeadTokens
+from ..retrieval.reranking import check_index_for_reranker, search_and_rerank
+from ..retrieval.storage import METADATA_FILE, read_metadata
 from .errors import ServeError
 from .index_watch import LoadedIndex
 from .settings import MAX_K
 
 Results = list[list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Reranking:
+    """The re-rank step's configuration: the loaded ``CrossMetricReranker`` and ``top_k`` (``--rerank_top_k``)."""
+
+    reranker: Any
+    top_k: int
+
+    def check_index(self, index: Any) -> None:
+        """Refuse an index this re-ranker cannot use (``check_index_for_reranker``'s one-line reasons)."""
+        check_index_for_reranker(index, self.reranker)
 
 
 def check_k(value: Any) -> int:
@@ -29,13 +56,30 @@ def check_k(value: Any) -> int:
     return value
 
 
-def rerank(candidates: Results, k: int, query_images: list[Any] | None = None) -> Results:
-    """The re-rank step after the index search: re-order each query's candidates, keep the best ``k``.
+def check_index_folder_for_reranker(folder: Path, reranker_config: Any) -> None:
+    """:func:`~crossmetric.retrieval.reranking.check_index_for_reranker` on a saved index folder from its
+    ``metadata.json`` alone (no vectors read): the command's refusal before it starts. A folder whose metadata
+    cannot say is left to the full load, which names the file at fault."""
+    if not (folder / METADATA_FILE).is_file():
+        return
+    stored = read_metadata(folder / METADATA_FILE).get("head_tokens")
+    tokens = None
+    if stored:
+        shape = stored.get("shape") if isinstance(stored, dict) else None
+        if not isinstance(shape, list) or len(shape) != 2 or not all(isinstance(n, int) for n in shape):
+            return
+        tokens = HeadTokens(np.zeros((0, *shape), np.float16), stored.get("token_stage"))  # the shape, no rows
+    check_index_for_reranker(SimpleNamespace(head_tokens=tokens), SimpleNamespace(config=reranker_config))
 
-    No re-ranker is loaded in this version (the command refuses ``--rerank_top_k`` without one), so the first-stage
-    order stands; the re-ranker scores ``(query_images[i], candidate)`` pairs here.
-    """
-    return [hits[:k] for hits in candidates]
+
+def rerank(
+    loaded: LoadedIndex, embeddings: np.ndarray, tokens: np.ndarray | None, k: int, reranking: Reranking
+) -> Results:
+    """The re-rank step: per query (embeddings Q×D, re-ranker tokens Q×T×C), the index's ``max(k, K)`` nearest with
+    the first ``K`` re-ranked and the rest in the embedding's order; the best ``k`` (blocking)."""
+    if tokens is None:
+        raise ValueError("re-ranking needs the queries' tokens: the server's batch did not return them")
+    return search_and_rerank(loaded.index, reranking.reranker, embeddings, tokens, k, reranking.top_k)
 
 
 def require_index(loaded: LoadedIndex | None) -> LoadedIndex:
@@ -47,9 +91,16 @@ def require_index(loaded: LoadedIndex | None) -> LoadedIndex:
     return loaded
 
 
-def search(loaded: LoadedIndex | None, embeddings: np.ndarray, k: int, rerank_top_k: int | None = None) -> Results:
-    """Per query row, its ``k`` nearest entries ``{"id", "label", "score", "path"}``, best first (blocking)."""
+def search(
+    loaded: LoadedIndex | None,
+    embeddings: np.ndarray,
+    k: int,
+    reranking: Reranking | None = None,
+    tokens: np.ndarray | None = None,
+) -> Results:
+    """Per query row, its ``k`` nearest entries ``{"id", "label", "score", "path"}``, best first (blocking); with
+    ``reranking`` (and the queries' ``tokens``), re-ranked by :func:`rerank`."""
     loaded = require_index(loaded)
-    first_stage = max(k, rerank_top_k or 0)
-    candidates = loaded.index.search(embeddings, k=first_stage)
-    return rerank(candidates, k)
+    if reranking is not None:
+        return rerank(loaded, embeddings, tokens, k, reranking)
+    return loaded.index.search(embeddings, k=k)

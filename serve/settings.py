@@ -17,6 +17,7 @@ MAX_K = 1000  # nearest neighbours one query may ask for
 # that form without waiting; ONNX Runtime takes 1.1 ms per image at any batch size, and there waiting only made
 # clients that send together move in lock-step (all decoding, then all in the model): about a third fewer images/s.
 DEFAULT_MAX_WAIT_MS = {"torch": 5.0, "onnx": 0.0}
+RERANK_NEEDS_TORCH = "--rerank_top_k needs --backend torch: the ONNX graph outputs the embedding only."
 
 
 def default_model_threads() -> int:
@@ -45,7 +46,8 @@ class ServeSettings:
         payload_limit: bytes of one request body at most (413 above).
         max_image_pixels: pixels of one decoded image at most (422 above: a possible decompression bomb).
         api_key: when set, every route but ``/health`` needs ``Authorization: Bearer <api_key>``.
-        rerank_top_k: re-rank this many first-stage candidates (needs a model exported with a re-ranker).
+        rerank_top_k: re-rank this many first-stage candidates, 2 or more (needs a model exported with a re-ranker,
+            the torch backend and an index built with the head's tokens).
         index_poll_interval: seconds between checks of the index folder for a rebuilt index (0: never reload).
         decode_workers: threads that decode images, off the event loop.
         model_threads: the model's intra-op threads (None: :func:`default_model_threads`, half the CPUs: the other
@@ -81,10 +83,15 @@ class ServeSettings:
             raise ValueError(f"--max_wait_ms must be >= 0, got {self.max_wait_ms}.")
         if self.index_poll_interval < 0:
             raise ValueError(f"--index_poll_interval must be >= 0 (0: no reload), got {self.index_poll_interval}.")
-        if self.rerank_top_k is not None and not 1 <= self.rerank_top_k <= MAX_K:
-            raise ValueError(f"--rerank_top_k must be between 1 and {MAX_K}, got {self.rerank_top_k}.")
+        if self.rerank_top_k is not None and not 2 <= self.rerank_top_k <= MAX_K:
+            raise ValueError(
+                f"--rerank_top_k must be between 2 and {MAX_K} (the candidates re-scored per query), "
+                f"got {self.rerank_top_k}."
+            )
         if self.backend not in ("torch", "onnx"):
             raise ValueError(f"--backend must be torch or onnx, got {self.backend!r}.")
+        if self.rerank_top_k is not None and self.backend != "torch":
+            raise ValueError(RERANK_NEEDS_TORCH)
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("--api_key is empty: pass a key, or leave the flag out for a server without one.")
 
