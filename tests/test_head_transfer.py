@@ -94,7 +94,7 @@ def test_bad_transfer_settings_are_refused_naming_the_flag() -> None:
 def test_a_detached_head_trains_and_leaves_the_embedder_exactly_as_head_off(shapes, tmp_path) -> None:
     """``cia_detach``: the head's loss trains the head, and the embedder's weights are those of the head-off run."""
     weights, logs = {}, {}
-    for name, fields in (("off", {"cia_levels": 0}), ("detached", {"cia_detach": True})):
+    for name, fields in (("off", {"cia_levels": 0}), ("detached", {"cia_detach": True, "cia_distill_weight": 0.0})):
         out = tmp_path / name
         with one_thread():
             trainer = CrossMetricTrainer(
@@ -179,3 +179,22 @@ def test_a_second_stage_trains_the_head_on_the_finished_embedder_which_stays_as_
 def test_a_second_stage_cannot_be_combined_with_a_transfer() -> None:
     with pytest.raises(ValueError, match="reranker_stage_steps"):
         tiny_config(reranker_stage_steps=10, cia_distill_weight=1.0).validate()
+
+
+def test_the_recipe_gives_the_transfer_to_user_datasets_and_not_to_the_main_job(shapes) -> None:
+    """Issue 20's defaults: the fine-tuning recipe teaches the embedding from the detached head; glyphs does not."""
+    from crossmetric.training.recipes import TRANSFER_WEIGHT, fit_recipe
+
+    labels = [i // 6 for i in range(48)]
+    for fields, expected in (
+        ({}, TRANSFER_WEIGHT),
+        ({"cia_levels": 0}, 0.0),
+        ({"cia_detach": False}, 0.0),
+        ({"reranker_stage_steps": 10}, 0.0),
+        ({"cia_distill_weight": 3.0}, 3.0),
+        ({"dataset": "glyphs"}, 0.0),
+    ):
+        config = tiny_config(**{"dataset": str(shapes), **fields})
+        fit_recipe(config, labels)
+        assert config.cia_distill_weight == expected, fields
+        config.validate()
