@@ -70,7 +70,7 @@ def test_transfer_weight_zero_gives_exactly_todays_objective() -> None:
     similarities = [t[0] for t in teachers]
     today = objective_from_config(tiny_config())
     off = objective_from_config(tiny_config(cia_distill_weight=0.0, cia_distill_form="listwise"))
-    on = objective_from_config(tiny_config(cia_distill_weight=5.0))
+    on = objective_from_config(tiny_config(cia_distill_weight=5.0, cia_distill_warmup_steps=0))
     assert off.distillation is None
     base = today(embeddings, labels, similarities)
     assert torch.equal(off(embeddings, labels, similarities, step=3).loss, base.loss)
@@ -126,7 +126,7 @@ def test_a_transfer_run_logs_its_term_and_exports_no_head_keys(shapes, tmp_path)
     with safe_open(export / "model.safetensors", "pt") as weights:
         assert not [k for k in weights.keys() if k.startswith("head.")]
     card = " ".join((export / "README.md").read_text().split())
-    assert "that trained the head alone" in card and "listwise distillation (top 3, temperature 1" in card
+    assert "that trained the head alone" in card and "listwise distillation (top 3, temperature 0.1, weight 10" in card
 
 
 def test_a_run_with_the_head_writes_a_reranker_chosen_on_validation(tmp_path) -> None:
