@@ -282,6 +282,22 @@ class CrossImageAttentionHead(nn.Module):
         return tuple(similarities)
 
 
+def build_head(config: object, token_dim: int, project_tokens: bool) -> CrossImageAttentionHead:
+    """The head a config describes: a ``CrossMetricConfig`` (training) or a ``CrossMetricRerankerConfig`` (query time)
+    name its architecture with the same ``cia_*`` fields; a re-ranker has no dropout."""
+    return CrossImageAttentionHead(
+        embedding_dim=config.embedding_dim,
+        token_dim=token_dim,
+        width=config.cia_dim,
+        num_levels=config.cia_levels,
+        num_heads=config.cia_heads,
+        mlp_ratio=config.cia_mlp_ratio,
+        dropout=getattr(config, "cia_dropout", 0.0),
+        query=config.cia_query,
+        project_tokens=project_tokens,
+    )
+
+
 def random_third_images(batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """B×B index k[i, j] of a uniformly random image other than i and j (other than j when B = 2), torch's RNG.
 

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_crossmetric import CrossMetricConfig
-from .cross_image_attention import NEW_LAYER_FLAG, CrossImageAttentionHead, init_new_layer, mark_new_layers
+from .cross_image_attention import NEW_LAYER_FLAG, build_head, init_new_layer, mark_new_layers
 from .image_processing_crossmetric import build_image_processor
 from .multi_similarity import multi_similarity_loss
 from .reranking_crossmetric import CrossMetricReranker, CrossMetricRerankerConfig, embed_with_tokens
@@ -178,17 +178,8 @@ class CrossMetricForMetricLearning(CrossMetricPreTrainedModel):
         self.head = None
         if config.cia_levels > 0:
             self.head_token_stage, head_token_dim = head_token_source(self.embedder.backbone, config.cia_token_stride)
-            self.head = CrossImageAttentionHead(
-                embedding_dim=config.embedding_dim,
-                token_dim=head_token_dim if self.head_token_stage else self.embedder.token_dim,
-                width=config.cia_dim,
-                num_levels=config.cia_levels,
-                num_heads=config.cia_heads,
-                mlp_ratio=config.cia_mlp_ratio,
-                dropout=config.cia_dropout,
-                query=config.cia_query,
-                project_tokens=self.head_token_stage is not None,
-            )
+            token_dim = head_token_dim if self.head_token_stage else self.embedder.token_dim
+            self.head = build_head(config, token_dim, project_tokens=self.head_token_stage is not None)
         self.post_init()
 
     def forward_head_inputs(

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .cross_image_attention import NEW_LAYER_FLAG, CrossImageAttentionHead, init_new_layer
+from .cross_image_attention import NEW_LAYER_FLAG, build_head, init_new_layer
 from .image_processing_crossmetric import build_image_processor
 from .reranker_inputs import RerankFeatures, embedder_location, features_tensors, gather_inputs, is_features
 
@@ -102,16 +102,7 @@ class CrossMetricReranker(PreTrainedModel):
 
     def __init__(self, config: CrossMetricRerankerConfig) -> None:
         super().__init__(config)
-        self.head = CrossImageAttentionHead(
-            embedding_dim=config.embedding_dim,
-            token_dim=config.token_dim,
-            width=config.cia_dim,
-            num_levels=config.cia_levels,
-            num_heads=config.cia_heads,
-            mlp_ratio=config.cia_mlp_ratio,
-            query=config.cia_query,
-            project_tokens=config.token_stage is not None,
-        )
+        self.head = build_head(config, config.token_dim, project_tokens=config.token_stage is not None)
         # Plain attributes (a tuple is no nn.Module): the embedder never becomes part of the re-ranker's weights.
         self._attached: tuple[Any, Any] | None = None
         self._embedder_source: tuple[tuple[str, str | None] | None, dict[str, Any]] = (None, {})
