@@ -65,9 +65,13 @@ def candidate_scores(
     """
     query_ids, neighbours = candidate_neighbours(embeddings, top_k, num_gallery)
     scores = head_scores(head, embeddings, tokens, query_ids, neighbours, device, queries_per_chunk)
+    return CandidateScores(query_ids, neighbours, scores, candidate_cosines(embeddings, query_ids, neighbours), labels)
+
+
+def candidate_cosines(embeddings: torch.Tensor, query_ids: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Q×K embedding cosines of each query and its candidates (float32)."""
     normalized = torch.nn.functional.normalize(embeddings.float(), dim=1).numpy()
-    cosine = np.einsum("qd,qkd->qk", normalized[query_ids], normalized[neighbours])
-    return CandidateScores(query_ids, neighbours, scores, cosine.astype(np.float32), labels)
+    return np.einsum("qd,qkd->qk", normalized[query_ids], normalized[neighbours]).astype(np.float32)
 
 
 def candidate_neighbours(

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .rerank_fusion import CandidateScores, candidate_neighbours, head_scores
+from .rerank_fusion import CandidateScores, candidate_cosines, candidate_neighbours, head_scores
 from .structural_similarity import structural_scores
 
 
@@ -55,9 +55,7 @@ def rerank_metrics(
     start = time.perf_counter()
     head = head_scores(reranker.head, embeddings, tokens, query_ids, neighbours, device)
     seconds = time.perf_counter() - start
-    normalized = torch.nn.functional.normalize(embeddings.float(), dim=1).numpy()
-    cosine = np.einsum("qd,qkd->qk", normalized[query_ids], normalized[neighbours]).astype(np.float32)
-    scores = CandidateScores(query_ids, neighbours, head, cosine, labels)
+    scores = CandidateScores(query_ids, neighbours, head, candidate_cosines(embeddings, query_ids, neighbours), labels)
     config = reranker.config
     training_free = structural_scores(embeddings, tokens, query_ids, neighbours)
     return {

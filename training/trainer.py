@@ -144,6 +144,7 @@ class CrossMetricTrainer:
         self.zero_shot: dict[str, float] | None = None
         self.history: list[dict[str, Any]] = []
         self.step_seconds: list[float] = []  # compute time of each batch (forward, loss, backward, step), no data
+        self.clip_groups = clip_groups(self.model, self.accelerator.unwrap_model(self.model), config.cia_detach)
 
     # ----------------------------------------------------------------------------------------------- building
     def _load_dataset(self) -> Any:
@@ -226,7 +227,7 @@ class CrossMetricTrainer:
                 output = self._loss(batch)
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients and c.max_grad_norm:
-                    for parameters in clip_groups(self.model, accelerator.unwrap_model(self.model), c.cia_detach):
+                    for parameters in self.clip_groups:  # the head's norm apart from the embedder's when detached
                         accelerator.clip_grad_norm_(parameters, c.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
