@@ -1,18 +1,19 @@
 """Dynamic batching: the images of concurrent requests share one preprocessing call and one forward pass.
 
 A request hands its decoded images to :meth:`DynamicBatcher.embed` and awaits their embeddings. One task collects
-queued images into a batch of at most ``max_batch_size`` and runs it in one worker thread (the model never runs on
-the event loop, and never in two threads at once); while a batch runs, the next one fills up, so under load batches
-grow by themselves. The image processor runs on the batch too: it costs about a third per image on 16 images of
-what it costs on one (measured on the main job's 64 px model), as the forward pass does.
+queued images into a batch of at most ``max_batch_size``, preprocesses it in one thread and hands it to the model's
+thread (the model never runs on the event loop, and never in two threads at once); while a batch runs, the next one
+fills up and is preprocessed, so under load batches grow by themselves and the model's thread runs only the model.
+The image processor runs on the batch too: it costs about a third per image on 16 images of what it costs on one
+(measured on the main job's 64 px model), as the forward pass does.
 
 When the model is idle, a batch waits at most ``max_wait_ms`` for more images, and only while admitted requests
 are still being decoded (:meth:`DynamicBatcher.expect` announces them): a lone client pays no waiting time, and
 clients that arrive together share a pass. Text Embeddings Inference batches the same way (queue, one batching task,
 a backend thread); it needs no wait because its tokenisation is fast, where decoding an image is not. Waiting pays
 only where a bigger batch costs less per image, so the default wait depends on the backend
-(:data:`~crossmetric.serve.settings.DEFAULT_MAX_WAIT_MS`: none for ONNX Runtime on the CPU, whose time per image does
-not fall with the batch size).
+(:data:`~crossmetric.serve.settings.DEFAULT_MAX_WAIT_MS`: none for ONNX Runtime on the CPU, whose time per image falls
+little with the batch size: 1.09 ms at batch 1, 0.80 ms at batch 16 on the main job's model, one thread).
 
 A pass may return more than the embeddings: with a re-ranker loaded, ``forward`` returns a tuple of row-aligned arrays
 (the embeddings and the re-ranker's tokens, from the same backbone pass), and each request gets its rows of each.
@@ -64,21 +65,32 @@ class DynamicBatcher:
     """Batch the images of concurrent requests into calls of ``forward`` (N images -> an N × D array, or a tuple of
     arrays of N rows each).
 
+    With ``prepare``, a batch runs in two stages, each in its own thread: ``prepare`` (the image processor) and then
+    ``forward`` (the model) on what it returned. The stages overlap: the next batch is preprocessed while the model
+    runs this one, so the model's thread does nothing but the model (measured on the main job's 64 px model with ONNX
+    Runtime on 2 CPU cores: preprocessing took a third of the model thread's time when both ran there). At most one
+    prepared batch waits for the model, so the next batch is taken only once the model is about to be free: batches
+    keep growing under load.
+
     Args:
-        forward: preprocesses and embeds one batch; called in the batcher's own thread, one batch at a time.
+        forward: embeds one batch (of images, or of what ``prepare`` returned); called in the batcher's model thread,
+            one batch at a time.
         max_batch_size: images in one pass at most (a larger request is split over several passes).
         max_wait_ms: how long a pass may wait for announced images before it runs.
         observe: called after each pass with ``(batch size, queue seconds of each chunk, forward seconds)``.
+        prepare: preprocesses one batch of images (None: ``forward`` takes the images).
     """
 
     def __init__(
         self,
-        forward: Callable[[list[Any]], Rows],
+        forward: Callable[[Any], Rows],
         max_batch_size: int = 32,
         max_wait_ms: float = 5.0,
         observe: Callable[[int, list[float], float], None] | None = None,
+        prepare: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         self.forward = forward
+        self.prepare = prepare
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.observe = observe
@@ -86,24 +98,35 @@ class DynamicBatcher:
         self._queued_rows = 0
         self._expected = 0  # images of admitted requests not yet queued (being decoded)
         self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._busy = False  # a batch is in the model
+        self._tasks: list[asyncio.Task] = []
+        self._prepared: asyncio.Queue | None = None  # the batch waiting for the model (at most one)
+        self._slot_free: asyncio.Event | None = None
+        self._busy = 0  # batches being prepared or in the model
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossmetric-forward")
+        self._prepare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossmetric-prepare")
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the batching task on the running event loop."""
+        """Start the batching tasks on the running event loop."""
+        loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="crossmetric-batcher")
+        self._slot_free = asyncio.Event()
+        self._slot_free.set()
+        self._prepared = asyncio.Queue(maxsize=1)
+        self._tasks = [
+            loop.create_task(self._collect(), name="crossmetric-batcher"),
+            loop.create_task(self._run_model(), name="crossmetric-model"),
+        ]
 
     async def stop(self) -> None:
         """Stop batching once the queue is empty (a graceful shutdown answers what was admitted first)."""
         while self._queue or self._busy:
             await asyncio.sleep(0.01)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._thread.shutdown(wait=True)
+        self._prepare_thread.shutdown(wait=True)
 
     async def run_in_model_thread(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run ``function`` in the model's thread (warm-up), between batches."""
@@ -123,7 +146,7 @@ class DynamicBatcher:
     async def embed(self, images: list[Any], announced: int = 0) -> Rows:
         """The embeddings of ``images`` (what ``forward`` returns for them), in order; ``announced``: how many of them
         :meth:`expect` announced (they are no longer expected once queued)."""
-        if self._task is None or self._wakeup is None:
+        if not self._tasks or self._wakeup is None:
             raise RuntimeError("the batcher is not running")
         loop = asyncio.get_running_loop()
         chunks = [
@@ -137,47 +160,77 @@ class DynamicBatcher:
         parts = await asyncio.gather(*(chunk.future for chunk in chunks))
         return _concatenate(list(parts))
 
-    # -- the batching task -------------------------------------------------------------------------------------
-    async def _run(self) -> None:
-        assert self._wakeup is not None
+    # -- the batching tasks ------------------------------------------------------------------------------------
+    async def _collect(self) -> None:
+        """Stage one: take a batch once the model's slot is free, preprocess it, hand it to the model."""
+        assert self._wakeup is not None and self._slot_free is not None and self._prepared is not None
         loop = asyncio.get_running_loop()
         while True:
+            await self._slot_free.wait()
             while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            deadline = self._queue[0].queued_at + self.max_wait
-            while self._queued_rows < self.max_batch_size and self._expected > 0:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
+            if self._busy == 0:  # the model is idle: wait a little for announced images
+                await self._wait_for_announced()
             batch = self._take()
-            self._busy = True
-            started = time.perf_counter()
+            self._busy += 1
             images = [image for chunk in batch for image in chunk.images]
+            started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(self._thread, self.forward, images)
+                inputs = images
+                if self.prepare is not None:
+                    inputs = await loop.run_in_executor(self._prepare_thread, self.prepare, images)
+            except Exception as error:  # preprocessing failed: every request of the batch gets the error
+                self._fail(batch, error)
+                self._busy -= 1
+                continue
+            self._slot_free.clear()
+            await self._prepared.put((batch, len(images), inputs, started))
+
+    async def _wait_for_announced(self) -> None:
+        """Wait at most ``max_wait_ms`` (from the first queued chunk) while admitted requests are still decoding."""
+        assert self._wakeup is not None
+        deadline = self._queue[0].queued_at + self.max_wait
+        while self._queued_rows < self.max_batch_size and self._expected > 0:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+
+    async def _run_model(self) -> None:
+        """Stage two: run the model on each prepared batch and answer its requests."""
+        assert self._prepared is not None and self._slot_free is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch, count, inputs, started = await self._prepared.get()
+            self._slot_free.set()  # the collector may take the next batch while this one runs
+            try:
+                outputs = await loop.run_in_executor(self._thread, self.forward, inputs)
             except Exception as error:  # the model failed: every request of the batch gets a 424
-                logger.exception("Forward pass of %d images failed", len(images))
-                for chunk in batch:
-                    if not chunk.future.done():
-                        chunk.future.set_exception(error)
+                logger.exception("Forward pass of %d images failed", count)
+                self._fail(batch, error)
                 continue
             finally:
-                self._busy = False
+                self._busy -= 1
             elapsed = time.perf_counter() - started
             if self.observe is not None:
-                self.observe(len(images), [started - c.queued_at for c in batch], elapsed)
+                self.observe(count, [started - c.queued_at for c in batch], elapsed)
             start = 0
             for chunk in batch:
                 rows = len(chunk.images)
                 if not chunk.future.done():  # a cancelled request (client gone) just drops its rows
                     chunk.future.set_result(_rows(outputs, start, start + rows))
                 start += rows
+
+    @staticmethod
+    def _fail(batch: list[_Chunk], error: BaseException) -> None:
+        for chunk in batch:
+            if not chunk.future.done():
+                chunk.future.set_exception(error)
 
     def _take(self) -> list[_Chunk]:
         """Pop the queued chunks that fit in one batch (the first always fits: chunks are at most a batch)."""

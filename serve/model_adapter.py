@@ -9,10 +9,11 @@ model loading or image decoding changes this file only:
   :func:`reranker_config_of` reads its configuration alone (the command's early checks);
 - :meth:`ServedModel.decode` turns the bytes of one upload into an RGB image with crossmetric's robust decoding
   (EXIF orientation, 16-bit, alpha on white; truncated, corrupt, non-image and decompression-bomb inputs refused with
-  the reason), and :meth:`ServedModel.embed_images` runs one batch of decoded images through the model's own image
-  processor and the per-batch step of crossmetric's embedding loop
-  (:func:`crossmetric.inference.embedding.pooler_output`) and returns their L2-normalised embeddings;
-- with a re-ranker loaded (``--rerank_top_k``), :meth:`ServedModel.forward_batch` runs the loop's
+  the reason); :meth:`ServedModel.prepare_batch` runs a batch of decoded images through the model's own image
+  processor, and :meth:`ServedModel.run_batch` runs the per-batch step of crossmetric's embedding loop
+  (:func:`crossmetric.inference.embedding.pooler_output`) on it and returns their L2-normalised embeddings (the
+  server runs the two in separate threads, overlapping: :mod:`.batching`);
+- with a re-ranker loaded (``--rerank_top_k``), :meth:`ServedModel.run_batch` runs the loop's
   :func:`~crossmetric.inference.embedding.embeddings_and_reranker_tokens` step instead: the same single backbone pass
   gives each image's embedding and the tokens the re-ranker reads. The re-ranker uses the served embedder (it is
   loaded with it, :func:`~crossmetric.inference.reranker_loading.load_reranker`): there is no second backbone.
@@ -148,32 +149,21 @@ class ServedModel:
             raise UndecodableImage(skipped.reasons[0] if skipped.reasons else "not a decodable image")
         return image
 
-    def _pixel_values(self, images: list[Image.Image]) -> Any:
+    def prepare_batch(self, images: list[Image.Image]) -> Any:
+        """The model's input for decoded ``images``: the image processor's pixel values, on the model's device."""
         pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return pixel_values.to(self.device) if self.device is not None else pixel_values
 
-    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
-        """The embeddings of decoded ``images`` as one batch (preprocessing and forward pass), float32 N × D."""
+    def run_batch(self, pixel_values: Any) -> Batch:
+        """What one batch of the server runs on prepared pixel values: the embeddings (float32 N × D), and the
+        re-ranker's tokens too (N × T × C, from the same backbone pass) when one is loaded."""
         import torch
 
         with torch.inference_mode():
-            return _as_array(pooler_output(self.embedder, self._pixel_values(images))["embeddings"])
-
-    def embed_images_and_tokens(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
-        """``(embeddings N × D, re-ranker tokens N × T × C)`` of decoded ``images``, float32, from one backbone pass
-        (the step ``crossmetric search --rerank_top_k`` embeds its queries with); needs a loaded re-ranker."""
-        import torch
-
-        if self.reranker is None:
-            raise RuntimeError("embed_images_and_tokens needs a loaded re-ranker (--rerank_top_k)")
-        forward = embeddings_and_reranker_tokens(self.reranker.config.token_stage)
-        with torch.inference_mode():
-            outputs = forward(self.embedder, self._pixel_values(images))
+            if self.reranker is None:
+                return _as_array(pooler_output(self.embedder, pixel_values)["embeddings"])
+            outputs = embeddings_and_reranker_tokens(self.reranker.config.token_stage)(self.embedder, pixel_values)
         return _as_array(outputs["embeddings"]), _as_array(outputs["tokens"])
-
-    def forward_batch(self, images: list[Image.Image]) -> Batch:
-        """What one batch of the server runs: the embeddings, and the re-ranker's tokens too when one is loaded."""
-        return self.embed_images_and_tokens(images) if self.reranker is not None else self.embed_images(images)
 
     def reranker_info(self) -> dict[str, Any] | None:
         """What ``/info`` shows of the loaded re-ranker (None without one)."""

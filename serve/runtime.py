@@ -5,7 +5,7 @@ Loading happens after the HTTP server is up, in the background, so that ``/healt
 and at ``max_batch_size``); then it answers 200. A load that fails is logged and stops the server (exit code 1).
 
 Images are decoded in a pool of ``decode_workers`` threads, off the event loop; preprocessing and the model run on
-whole batches in the batcher's own thread (:mod:`.batching`).
+whole batches, each in a thread of its own, overlapping (:mod:`.batching`).
 
 With ``--rerank_top_k`` the model's re-ranker is loaded with the served embedder, each batch returns the re-ranker's
 tokens next to the embeddings (one backbone pass), every index loaded is checked for the head tokens it needs, and the
@@ -111,7 +111,9 @@ class Runtime:
             )  # fmt: skip
             if self.model.reranker is not None and s.rerank_top_k is not None:
                 self.reranking = Reranking(self.model.reranker, s.rerank_top_k)
-            self.batcher = DynamicBatcher(self.model.forward_batch, s.max_batch_size, s.resolved_max_wait_ms())
+            self.batcher = DynamicBatcher(
+                self.model.run_batch, s.max_batch_size, s.resolved_max_wait_ms(), prepare=self.model.prepare_batch
+            )
             self.batcher.start()
             self.thumbnails = Thumbnails(self.model.decode)
             self.index_watch = IndexWatch(
