@@ -68,9 +68,10 @@ class DynamicBatcher:
     With ``prepare``, a batch runs in two stages, each in its own thread: ``prepare`` (the image processor) and then
     ``forward`` (the model) on what it returned. The stages overlap: the next batch is preprocessed while the model
     runs this one, so the model's thread does nothing but the model (measured on the main job's 64 px model with ONNX
-    Runtime on 2 CPU cores: preprocessing took a third of the model thread's time when both ran there). At most one
-    prepared batch waits for the model, so the next batch is taken only once the model is about to be free: batches
-    keep growing under load.
+    Runtime on 2 CPU cores: preprocessing took a third of the model thread's time when both ran there). The next batch
+    is taken just in time: when the model, by the running averages of both stages' times, is one preprocessing away
+    from free (or when a full batch is queued). Taken any earlier it would hold only the images that arrived while the
+    model started, and batches would stop growing under load.
 
     Args:
         forward: embeds one batch (of images, or of what ``prepare`` returned); called in the batcher's model thread,
@@ -102,6 +103,8 @@ class DynamicBatcher:
         self._prepared: asyncio.Queue | None = None  # the batch waiting for the model (at most one)
         self._slot_free: asyncio.Event | None = None
         self._busy = 0  # batches being prepared or in the model
+        self._model_started = 0.0  # when the model began its current batch
+        self._seconds = {"prepare": 0.0, "forward": 0.0}  # running averages of each stage's time per batch
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossmetric-forward")
         self._prepare_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crossmetric-prepare")
 
@@ -172,6 +175,8 @@ class DynamicBatcher:
                 await self._wakeup.wait()
             if self._busy == 0:  # the model is idle: wait a little for announced images
                 await self._wait_for_announced()
+            else:  # the model runs a batch: take the next one so that it is prepared when the model frees
+                await self._wait_until(self._model_started + self._seconds["forward"] - self._seconds["prepare"])
             batch = self._take()
             self._busy += 1
             images = [image for chunk in batch for image in chunk.images]
@@ -180,12 +185,30 @@ class DynamicBatcher:
                 inputs = images
                 if self.prepare is not None:
                     inputs = await loop.run_in_executor(self._prepare_thread, self.prepare, images)
+                    self._average("prepare", time.perf_counter() - started)
             except Exception as error:  # preprocessing failed: every request of the batch gets the error
                 self._fail(batch, error)
                 self._busy -= 1
                 continue
             self._slot_free.clear()
             await self._prepared.put((batch, len(images), inputs, started))
+
+    async def _wait_until(self, moment: float) -> None:
+        """Wait until ``moment`` (a ``perf_counter`` time), or until a full batch is queued."""
+        assert self._wakeup is not None
+        while self._queued_rows < self.max_batch_size:
+            remaining = moment - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+
+    def _average(self, stage: str, seconds: float) -> None:
+        previous = self._seconds[stage]
+        self._seconds[stage] = seconds if previous == 0 else 0.8 * previous + 0.2 * seconds
 
     async def _wait_for_announced(self) -> None:
         """Wait at most ``max_wait_ms`` (from the first queued chunk) while admitted requests are still decoding."""
@@ -208,8 +231,10 @@ class DynamicBatcher:
         while True:
             batch, count, inputs, started = await self._prepared.get()
             self._slot_free.set()  # the collector may take the next batch while this one runs
+            self._model_started = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(self._thread, self.forward, inputs)
+                self._average("forward", time.perf_counter() - self._model_started)
             except Exception as error:  # the model failed: every request of the batch gets a 424
                 logger.exception("Forward pass of %d images failed", count)
                 self._fail(batch, error)
