@@ -173,8 +173,8 @@ class DynamicBatcher:
             while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self._busy == 0:  # the model is idle: wait a little for announced images
-                await self._wait_for_announced()
+            if self._busy == 0:  # the model is idle: wait at most max_wait_ms while admitted requests still decode
+                await self._wait_until(self._queue[0].queued_at + self.max_wait, only_while_decoding=True)
             else:  # the model runs a batch: take the next one so that it is prepared when the model frees
                 await self._wait_until(self._model_started + self._seconds["forward"] - self._seconds["prepare"])
             batch = self._take()
@@ -193,10 +193,11 @@ class DynamicBatcher:
             self._slot_free.clear()
             await self._prepared.put((batch, len(images), inputs, started))
 
-    async def _wait_until(self, moment: float) -> None:
-        """Wait until ``moment`` (a ``perf_counter`` time), or until a full batch is queued."""
+    async def _wait_until(self, moment: float, only_while_decoding: bool = False) -> None:
+        """Wait until ``moment`` (a ``perf_counter`` time), or until a full batch is queued; ``only_while_decoding``:
+        also stop once no announced image is still being decoded."""
         assert self._wakeup is not None
-        while self._queued_rows < self.max_batch_size:
+        while self._queued_rows < self.max_batch_size and (self._expected > 0 or not only_while_decoding):
             remaining = moment - time.perf_counter()
             if remaining <= 0:
                 break
@@ -209,20 +210,6 @@ class DynamicBatcher:
     def _average(self, stage: str, seconds: float) -> None:
         previous = self._seconds[stage]
         self._seconds[stage] = seconds if previous == 0 else 0.8 * previous + 0.2 * seconds
-
-    async def _wait_for_announced(self) -> None:
-        """Wait at most ``max_wait_ms`` (from the first queued chunk) while admitted requests are still decoding."""
-        assert self._wakeup is not None
-        deadline = self._queue[0].queued_at + self.max_wait
-        while self._queued_rows < self.max_batch_size and self._expected > 0:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                break
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except asyncio.TimeoutError:
-                break
 
     async def _run_model(self) -> None:
         """Stage two: run the model on each prepared batch and answer its requests."""
