@@ -182,7 +182,7 @@ def test_a_second_stage_cannot_be_combined_with_a_transfer() -> None:
 
 
 def test_the_recipe_gives_the_transfer_to_user_datasets_and_not_to_the_main_job(shapes) -> None:
-    """Issue 20's defaults: the fine-tuning recipe teaches the embedding from the detached head; glyphs does not."""
+    """Issue 20's defaults: both recipes teach the embedding from the detached head, unless told otherwise."""
     from crossmetric.training.recipes import TRANSFER_WEIGHT, fit_recipe
 
     labels = [i // 6 for i in range(48)]
@@ -192,7 +192,8 @@ def test_the_recipe_gives_the_transfer_to_user_datasets_and_not_to_the_main_job(
         ({"cia_detach": False}, 0.0),
         ({"reranker_stage_steps": 10}, 0.0),
         ({"cia_distill_weight": 3.0}, 3.0),
-        ({"dataset": "glyphs"}, 0.0),
+        ({"dataset": "glyphs"}, TRANSFER_WEIGHT),
+        ({"dataset": "glyphs", "cia_levels": 0}, 0.0),
     ):
         config = tiny_config(**{"dataset": str(shapes), **fields})
         fit_recipe(config, labels)
