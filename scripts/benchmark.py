@@ -36,6 +36,10 @@ LISTWISE: dict[str, Any] = {
     **DETACHED, "cia_distill_weight": 50.0, "cia_distill_form": "listwise", "cia_distill_temperature": 0.1,
     "cia_distill_top_k": 8, "cia_distill_warmup_steps": 60,
 }  # fmt: skip
+# S2SD's defaults: a row-wise KL over the whole batch, T = 1, weight 50, no warm-up
+S2SD_KL: dict[str, Any] = {
+    "cia_distill_weight": 50.0, "cia_distill_form": "kl", "cia_distill_temperature": 1.0, "cia_distill_warmup_steps": 0,
+}  # fmt: skip
 ROWS: dict[str, dict[str, Any]] = {
     "baseline": {"cia_levels": 0, "cia_distill_weight": 0.0},
     "cia": HEAD_BEFORE,  # 2 levels, query from the other image, lambda 1, every level, gradient into the backbone
@@ -55,8 +59,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "cia_lambda_0.3": {**HEAD_BEFORE, "cia_loss_weight": 0.3},
     "cia_detach": DETACHED,
     "cia_stage": {**DETACHED, "cia_detach": False, "reranker_stage_steps": 150},  # the head after the embedder
-    "cia_distill_kl": {**HEAD_BEFORE, "cia_distill_weight": 50.0},  # S2SD's defaults (T = 1, weight 50)
-    "cia_detach_distill_kl": {**DETACHED, "cia_distill_weight": 50.0},
+    "cia_distill_kl": {**HEAD_BEFORE, **S2SD_KL},
+    "cia_detach_distill_kl": {**DETACHED, **S2SD_KL},
     "cia_detach_distill_listwise": LISTWISE,
     "cia_detach_distill_margin": {
         **DETACHED,
