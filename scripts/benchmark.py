@@ -313,12 +313,16 @@ def main() -> int:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
         "command": " ".join(sys.argv),
     }
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "results.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (args.output_dir / "results.md").write_text(table + "\n")
-    print(table)
+    write_results(args.output_dir, "results", results, markdown(results))
     return 0
+
+
+def write_results(folder: Path, name: str, results: dict[str, Any], table: str) -> None:
+    """``NAME.json`` and ``NAME.md`` in ``folder``, and the table on stdout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(results, indent=2))
+    (folder / f"{name}.md").write_text(table + "\n")
+    print(table)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import mean_std, paired  # noqa: E402
+from benchmark import mean_std, paired, write_results  # noqa: E402
 
 FIGURES = {
     "embedding": "recall@1",
@@ -116,10 +116,7 @@ def main() -> int:
         rows[row]["ms_per_query"] = mean_std([m["rerank/ms_per_query"] for m in per_seed])[0]
         rows[row]["paired"] = {label: paired(values[a], values[b]) for label, a, b in DIFFERENCES}
     results = {"dataset": args.dataset, "seeds": args.seeds, "rerank_top_k": args.rerank_top_k, "rows": rows}
-    (args.output_dir / "rerank_results.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (args.output_dir / "rerank_results.md").write_text(table + "\n")
-    print(table)
+    write_results(args.output_dir, "rerank_results", results, markdown(results))
     return 0
 
 

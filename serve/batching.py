@@ -131,10 +131,6 @@ class DynamicBatcher:
         self._thread.shutdown(wait=True)
         self._prepare_thread.shutdown(wait=True)
 
-    async def run_in_model_thread(self, function: Callable[..., Any], *args: Any) -> Any:
-        """Run ``function`` in the model's thread (warm-up), between batches."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
-
     # -- requests ----------------------------------------------------------------------------------------------
     def expect(self, count: int) -> None:
         """Announce ``count`` images that an admitted request is decoding (:meth:`embed` or :meth:`forget` follows)."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from _training_fixtures import make_shapes_folder, one_thread, tiny_config
 
+from crossmetric import EmbeddingIndex, RerankFeatures
 from crossmetric.modeling.reranking_crossmetric import CrossMetricReranker
 
 
@@ -39,3 +40,15 @@ def reranking_copy(export: Path, target: Path, alpha: float = 0.5) -> Path:
 def gallery_images(shapes: Path) -> list[Path]:
     """The shapes' image files, sorted."""
     return sorted(shapes.rglob("*.png"))
+
+
+def expected_rerank_order(index: EmbeddingIndex, export: Path, query: Path, k: int, top: int) -> tuple[list, list]:
+    """The ids the first ``k`` hits should have (``rank()`` on what ``index`` stores for the embedding's ``k``
+    nearest) and the embedding's own order up to ``top``: what every re-ranking search path must agree with."""
+    reranker = CrossMetricReranker.from_pretrained(export / "reranker")
+    features = reranker.encode([query])
+    _, rows = index.search_arrays(features.embeddings.numpy(), top)
+    head = rows[0][:k]
+    stored = RerankFeatures(index.embeddings[head], index.head_tokens.tokens[head])
+    ranking = reranker.rank(RerankFeatures(features.embeddings[0], features.tokens[0]), stored)
+    return [index.ids[head[h["corpus_id"]]] for h in ranking], [index.ids[r] for r in rows[0]]

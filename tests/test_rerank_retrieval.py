@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from _reranker_fixtures import gallery_images, reranking_copy, train_runs
+from _reranker_fixtures import expected_rerank_order, gallery_images, reranking_copy, train_runs
 from _training_fixtures import one_thread_fixture
 from transformers import pipeline
 
-from crossmetric import CrossMetricReranker, EmbeddingIndex, RerankFeatures
+from crossmetric import CrossMetricReranker, EmbeddingIndex
 from crossmetric.cli.index import add_index_build_arguments, run_index_build
 from crossmetric.cli.main import main
 from crossmetric.cli.search import add_search_arguments, run_search
@@ -71,18 +70,6 @@ def test_the_index_stores_each_items_head_tokens_in_float16(setup) -> None:
     np.testing.assert_allclose(index.embeddings[[0, -1]], features.embeddings, atol=1e-5)
 
 
-def _rank_order(setup: dict, query: Path) -> tuple[list[str], list[str]]:
-    """The ids the first K should have (``rank()`` on what the index stores) and the embedding's order up to TOP."""
-    index = setup["index"]
-    reranker = CrossMetricReranker.from_pretrained(setup["export"] / "reranker")
-    features = reranker.encode([query])
-    _, rows = index.search_arrays(features.embeddings.numpy(), TOP)
-    head = rows[0][:K]
-    stored = RerankFeatures(index.embeddings[head], index.head_tokens.tokens[head])
-    ranking = reranker.rank(RerankFeatures(features.embeddings[0], features.tokens[0]), stored)
-    return [index.ids[head[h["corpus_id"]]] for h in ranking], [index.ids[r] for r in rows[0]]
-
-
 def test_search_and_pipeline_rerank_the_k_nearest_as_rank_does_and_keep_the_rest(setup, capsys) -> None:
     queries = gallery_images(setup["shapes"])[::13][:4]
     retrieve = pipeline("image-retrieval", model=str(setup["export"]), index=str(setup["root"] / "index"))
@@ -91,7 +78,7 @@ def test_search_and_pipeline_rerank_the_k_nearest_as_rank_does_and_keep_the_rest
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     changed = 0
     for query, line in zip(queries, printed):
-        reranked, embedding_order = _rank_order(setup, query)
+        reranked, embedding_order = expected_rerank_order(setup["index"], setup["export"], query, K, TOP)
         from_pipeline = retrieve(str(query), top_k=TOP, rerank_top_k=K)
         for hits in (line["results"], from_pipeline):
             assert [h["id"] for h in hits[:K]] == reranked

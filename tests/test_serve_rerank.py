@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from _fault_helpers import run_cli
-from _reranker_fixtures import gallery_images, reranking_copy, train_runs
+from _reranker_fixtures import expected_rerank_order, gallery_images, reranking_copy, train_runs
 from _retrieval_fixtures import write_image
 from _serve_fixtures import Server, burst, call, json_body, multipart
 from _training_fixtures import one_thread_fixture
@@ -24,7 +24,7 @@ from _training_fixtures import one_thread_fixture
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from crossmetric import CrossMetricReranker, EmbeddingIndex, RerankFeatures  # noqa: E402
+from crossmetric import EmbeddingIndex  # noqa: E402
 from crossmetric.retrieval.search import search_images  # noqa: E402
 
 K = 5
@@ -47,18 +47,6 @@ def _in_process(setup: SimpleNamespace, queries: list, index=None) -> list[list[
     """What ``crossmetric search --rerank_top_k K --top_k TOP`` gives for ``queries`` (the reference)."""
     return search_images(str(setup.export), str(index or setup.index), list(map(str, queries)), TOP,
                          device="cpu", rerank_top_k=K)  # fmt: skip
-
-
-def _rank_ids(setup: SimpleNamespace, query) -> tuple[list[str], list[str]]:
-    """The first K as ``rank()`` orders them on what the index stores, and the embedding's order up to TOP."""
-    index = EmbeddingIndex.load(setup.index)
-    reranker = CrossMetricReranker.from_pretrained(setup.export / "reranker")
-    features = reranker.encode([query])
-    _, rows = index.search_arrays(features.embeddings.numpy(), TOP)
-    head = rows[0][:K]
-    stored = RerankFeatures(index.embeddings[head], index.head_tokens.tokens[head])
-    ranking = reranker.rank(RerankFeatures(features.embeddings[0], features.tokens[0]), stored)
-    return [index.ids[head[h["corpus_id"]]] for h in ranking], [index.ids[r] for r in rows[0]]
 
 
 def _same_hits(served: list[dict], expected: list[dict]) -> None:
@@ -98,9 +86,10 @@ def test_search_reranks_as_search_and_rank_do_batched_and_after_a_reload(reranki
         body, headers = multipart([(q.name, q.read_bytes()) for q in queries])
         together = call(port, "POST", f"/search?k={TOP}", body, headers).json()
         changed = 0
+        index = EmbeddingIndex.load(reranking.index)
         for query, hits, reference in zip(queries, together, expected):
             _same_hits(hits, reference)
-            reranked, embedding_order = _rank_ids(reranking, query)
+            reranked, embedding_order = expected_rerank_order(index, reranking.export, query, K, TOP)
             assert [h["id"] for h in hits[:K]] == reranked and [h["id"] for h in hits[K:]] == embedding_order[K:]
             assert set(hits[0]) >= {"id", "label", "score", "path"}
             changed += reranked != embedding_order[:K]
