@@ -78,7 +78,8 @@ class DynamicBatcher:
             one batch at a time.
         max_batch_size: images in one pass at most (a larger request is split over several passes).
         max_wait_ms: how long a pass may wait for announced images before it runs.
-        observe: called after each pass with ``(batch size, queue seconds of each chunk, forward seconds)``.
+        observe: called after each pass with ``(batch size, queue seconds of each chunk, seconds of preprocessing
+            and model)``.
         prepare: preprocesses one batch of images (None: ``forward`` takes the images).
     """
 
@@ -182,12 +183,13 @@ class DynamicBatcher:
                 if self.prepare is not None:
                     inputs = await loop.run_in_executor(self._prepare_thread, self.prepare, images)
                     self._average("prepare", time.perf_counter() - started)
+                prepare_seconds = time.perf_counter() - started
             except Exception as error:  # preprocessing failed: every request of the batch gets the error
                 self._fail(batch, error)
                 self._busy -= 1
                 continue
             self._slot_free.clear()
-            await self._prepared.put((batch, len(images), inputs, started))
+            await self._prepared.put((batch, len(images), inputs, started, prepare_seconds))
 
     async def _wait_until(self, moment: float, only_while_decoding: bool = False) -> None:
         """Wait until ``moment`` (a ``perf_counter`` time), or until a full batch is queued; ``only_while_decoding``:
@@ -212,7 +214,7 @@ class DynamicBatcher:
         assert self._prepared is not None and self._slot_free is not None
         loop = asyncio.get_running_loop()
         while True:
-            batch, count, inputs, started = await self._prepared.get()
+            batch, count, inputs, started, prepare_seconds = await self._prepared.get()
             self._slot_free.set()  # the collector may take the next batch while this one runs
             self._model_started = time.perf_counter()
             try:
@@ -224,8 +226,8 @@ class DynamicBatcher:
                 continue
             finally:
                 self._busy -= 1
-            elapsed = time.perf_counter() - started
-            if self.observe is not None:
+            if self.observe is not None:  # the pass's own time: preprocessing and model, not the wait between them
+                elapsed = prepare_seconds + time.perf_counter() - self._model_started
                 self.observe(count, [started - c.queued_at for c in batch], elapsed)
             start = 0
             for chunk in batch:
