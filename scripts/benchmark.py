@@ -74,6 +74,10 @@ ROWS: dict[str, dict[str, Any]] = {
     "cia_lambda_0.1_distill_listwise": {**LISTWISE, "cia_detach": False, "cia_loss_weight": 0.1},
     # issue 20 item 3, one map for both: the head reads the last map, the one the embedding pools (2×2 at 64 px)
     "cia_detach_distill_listwise_shared_map": {**LISTWISE, "cia_token_stride": 0},
+    # the listwise transfer's own settings (session 3): a heavier term, more candidates, a sharper softmax
+    "cia_detach_distill_listwise_w100": {**LISTWISE, "cia_distill_weight": 100.0},
+    "cia_detach_distill_listwise_top16": {**LISTWISE, "cia_distill_top_k": 16},
+    "cia_detach_distill_listwise_t0.05": {**LISTWISE, "cia_distill_temperature": 0.05},
 }
 CONTROLS = ("cia_query_self", "cia_query_shuffled")  # conditioning is shown only where CIA beats both (§4)
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi")

@@ -15,12 +15,13 @@ Every error is TEI's ``{"error", "error_type"}`` body (:mod:`.errors`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
+import numpy as np
+import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -102,8 +103,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def json_response(payload: Any) -> Response:
-    """JSON without FastAPI's per-item encoder (embeddings are long lists of floats)."""
-    return Response(json.dumps(payload, ensure_ascii=False), media_type="application/json")
+    """JSON by orjson, numpy arrays included, without FastAPI's per-item encoder: with the standard library's encoder,
+    writing the embeddings took a sixth of the event loop's time per ``/embed`` request under load."""
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
 
 def create_app(settings: ServeSettings, runtime: Runtime | None = None) -> Any:
@@ -150,7 +152,7 @@ def create_app(settings: ServeSettings, runtime: Runtime | None = None) -> Any:
         with runtime.permits.hold():
             parsed = await read_request(request, settings.max_client_batch_size, False, runtime.run_off_loop)
             embeddings = await runtime.embed(parsed.images)
-        return json_response(embeddings.tolist())
+        return json_response(np.ascontiguousarray(embeddings, dtype=np.float32))
 
     @app.post("/search", openapi_extra=_body(SearchRequest), responses=ERRORS, response_model=list[list[Hit]])
     async def search_route(request: Request, k: str | None = Query(default=None, description="neighbours")) -> Response:
