@@ -7,7 +7,8 @@ Routes (Text Embeddings Inference's shapes where it has the route):
   with ``--rerank_top_k K`` the first ``K`` are re-ranked and each hit also has ``"cosine"``, ``"head_score"`` and
   ``"reranked"`` (:mod:`.search_service`);
 - ``GET /info``, ``GET /health`` (200 once loaded and warmed up, 503 before), ``GET /metrics`` (Prometheus);
-- ``GET /``: the search page; ``GET /thumbnail?id=``: a gallery thumbnail; ``GET /docs``: the OpenAPI docs.
+- ``GET /``: the search page; ``GET /thumbnail?id=``: a gallery thumbnail; ``GET /docs``: the OpenAPI docs (Swagger UI
+  served from local files, no CDN).
 
 Every error is TEI's ``{"error", "error_type"}`` body (:mod:`.errors`).
 """
@@ -24,6 +25,7 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -118,7 +120,10 @@ def create_app(settings: ServeSettings, runtime: Runtime | None = None) -> Any:
         yield
         await runtime.shutdown()
 
-    app = FastAPI(
+    # the OpenAPI docs' Swagger UI from files fastapi-offline installs, not from a CDN: a server without internet
+    # access (or a browser without) still shows its /docs
+    app = FastAPIOffline(
+        redoc_url=None,
         title="crossmetric serve",
         summary="Image embeddings and nearest-neighbour search with a crossmetric model.",
         version="1",

@@ -272,8 +272,19 @@ def test_the_search_page_in_a_real_browser(served, tmp_path) -> None:
             labels = page.locator("#results .label").all_inner_texts()
             status = page.inner_text("#status")
             page.screenshot(path=str(screenshot), full_page=True)
+            # the API docs render from the server's own files: no request leaves 127.0.0.1 (no CDN)
+            requested: list[str] = []
+            docs = browser.new_page()
+            docs.on("request", lambda request: requested.append(request.url))
+            docs.goto(f"http://127.0.0.1:{served.server.port}/docs")
+            docs.wait_for_selector(".swagger-ui .opblock-summary-path", timeout=30_000)
+            title = docs.inner_text(".swagger-ui .info .title")
+            routes = docs.locator(".swagger-ui .opblock-summary-path").all_inner_texts()
         finally:
             browser.close()
     assert labels[0] == "class_2" and "5 nearest images" in status
+    assert "crossmetric serve" in title and {"/embed", "/search", "/info"} <= {r.strip() for r in routes}
+    outside = [url for url in requested if not url.startswith(f"http://127.0.0.1:{served.server.port}/")]
+    assert requested and not outside, outside
     assert screenshot.stat().st_size > 10_000
     print(f"screenshot: {screenshot}")
