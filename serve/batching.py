@@ -71,9 +71,11 @@ class DynamicBatcher:
     ``forward`` (the model) on what it returned. The stages overlap: the next batch is preprocessed while the model
     runs this one, so the model's thread does nothing but the model (measured on the main job's 64 px model with ONNX
     Runtime on 2 CPU cores: preprocessing took a third of the model thread's time when both ran there). The next batch
-    is taken just in time: when the model, by the running averages of both stages' times, is one preprocessing away
-    from free (or when a full batch is queued). Taken any earlier it would hold only the images that arrived while the
-    model started, and batches would stop growing under load.
+    is taken just in time: when the model, by the running averages of both stages' times per image and of the event
+    loop's lateness, is one preprocessing away from free (or when a full batch is queued). Taken any earlier it would
+    hold only the images that arrived while the model started, and batches would stop growing under load. A prepared
+    batch goes from the preparing thread to the model's thread through a thread-safe queue, and only the answers go
+    back through the event loop.
 
     Args:
         forward: embeds one batch (of images, or of what ``prepare`` returned); called in the batcher's model thread,
