@@ -161,6 +161,29 @@ def test_too_many_images_or_too_large_a_body_gets_413(served) -> None:
     assert chunked.status == 413  # no Content-Length: stopped while it streams in
 
 
+def test_a_multipart_body_of_the_wrong_shape_gets_an_error_naming_what_to_send(served) -> None:
+    port = served.server.port
+    good = (served.gallery / "class_0" / "1.png").read_bytes()
+    boundary = "b0undary"
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+    def form(*parts: str) -> bytes:
+        return "".join(f"--{boundary}\r\n{part}\r\n" for part in parts).encode() + f"--{boundary}--\r\n".encode()
+
+    text_field = form('Content-Disposition: form-data; name="images"\r\n\r\nnot a file')
+    answer = call(port, "POST", "/embed", text_field, headers)
+    assert answer.status == 422 and "images[0] is a text field" in answer.json()["error"]
+    other_field = form('Content-Disposition: form-data; name="picture"; filename="a.png"\r\n\r\nxx')
+    answer = call(port, "POST", "/embed", other_field, headers)
+    assert answer.status == 400 and '"picture"' in answer.json()["error"]
+    body, file_headers = multipart([("cat.png", good)])
+    answer = call(port, "POST", "/embed", body[: -len(b"--\r\n") - 40], file_headers)  # cut before its end
+    assert answer.status == 422 and "multipart" in answer.json()["error"]
+    body, file_headers = multipart([("cat.png", good), ("broken.png", b"not a png")])
+    answer = call(port, "POST", "/embed", body, file_headers)
+    assert answer.status == 422 and 'images[1] ("broken.png")' in answer.json()["error"]
+
+
 def test_nothing_a_client_sends_causes_a_5xx(served) -> None:
     port = served.server.port
     form, form_headers = multipart([("a.png", b"x")])
