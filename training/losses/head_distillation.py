@@ -48,7 +48,7 @@ class HeadDistillationLoss(nn.Module):
           embedding; warm it up (``cia_distill_warmup_steps``) while the head is still random.
     """
 
-    def __init__(self, form: str = "kl", temperature: float = 1.0, top_k: int = 8) -> None:
+    def __init__(self, form: str = "kl", temperature: float = 1.0, top_k: int = 16) -> None:
         super().__init__()
         if form not in DISTILL_FORMS:
             raise ValueError(f"distillation form {form!r} must be one of {', '.join(DISTILL_FORMS)}")
