@@ -119,7 +119,7 @@ class CrossMetricModelCardData:
     cia_dim: int | None = None
     cia_query: str | None = None
     cia_detach: bool | None = None  # the head trained on detached features: its loss never reached the embedder
-    transfer: str | None = None  # how the head's similarities taught the embedding, e.g. "listwise (top 8, T 0.1)"
+    transfer: str | None = None  # how the head's similarities taught the embedding, e.g. "listwise (top 16, T 0.1)"
     datasets: list[str] = field(default_factory=list)  # training datasets (Hub ids or names)
     license: str | None = None
     language: list[str] | None = None
