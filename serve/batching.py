@@ -238,9 +238,9 @@ class DynamicBatcher:
         assert self._loop is not None and self._slot_free is not None
         while (item := self._prepared.get()) is not None:
             batch, inputs, started, prepare_seconds = item
-            self._loop.call_soon_threadsafe(self._slot_free.set)  # the next batch may be taken while this one runs
             count = sum(len(chunk.images) for chunk in batch)
-            self._model_started, self._model_rows = time.perf_counter(), count
+            self._model_started, self._model_rows = time.perf_counter(), count  # before the collector wakes
+            self._loop.call_soon_threadsafe(self._slot_free.set)  # the next batch may be taken while this one runs
             try:
                 outputs: Any = self.forward(inputs)
                 self._average("forward", (time.perf_counter() - self._model_started) / count)
