@@ -26,8 +26,8 @@ from .config import TrainingConfig
 
 # The main job's schedule: 8 epochs of 150 batches (1200 steps, under 9 minutes on 2 CPU cores with BatchNorm frozen).
 # Test Recall@1 / MAP@R of the default (seed 0): 0.911 / 0.678 with 6 epochs (900 steps, 6.4 min), 0.926 / 0.714 with
-# 8 (8.6 min; the same 6 epochs at 72 px instead: 0.925 / 0.707, at 1.4x the step); validation still rose at the end of 6 epochs. The
-# learning rates are the first release's, measured on glyphs.
+# 8 (8.6 min; the same 6 epochs at 72 px instead: 0.925 / 0.707, at 1.4x the step); validation still rose at the end
+# of 6 epochs. The learning rates are the first release's, measured on glyphs.
 EMBEDDED_RECIPE: dict[str, Any] = {
     "learning_rate": 1e-3,
     "backbone_learning_rate": 3e-4,
