@@ -181,7 +181,7 @@ def test_a_second_stage_cannot_be_combined_with_a_transfer() -> None:
         tiny_config(reranker_stage_steps=10, cia_distill_weight=1.0).validate()
 
 
-def test_the_recipe_gives_the_transfer_to_user_datasets_and_not_to_the_main_job(shapes) -> None:
+def test_the_recipe_gives_the_transfer_to_every_dataset_with_a_detached_head(shapes) -> None:
     """Issue 20's defaults: both recipes teach the embedding from the detached head, unless told otherwise."""
     from crossmetric.training.recipes import TRANSFER_WEIGHT, fit_recipe
 
