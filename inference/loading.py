@@ -148,22 +148,7 @@ def load_embedder(
         check_backend(backend)
         return load_onnx_embedder(model, image_processor)
     if isinstance(model, (str, os.PathLike)):
-        kind, source = resolve_model(model, flag)
-        if kind == "checkpoint":
-            embedder = load_training_checkpoint(source).embedder.eval()
-            return embedder, image_processor or build_image_processor(embedder.config)
-        from transformers import AutoImageProcessor
-
-        try:
-            embedder = CrossMetricModel.from_pretrained(str(source)).eval()
-            if image_processor is None:
-                image_processor = AutoImageProcessor.from_pretrained(str(source))
-        except OSError as error:
-            where = "the Hub (it is not a local folder)" if kind == "hub" else str(source)
-            raise ValueError(
-                f"{flag} {os.fspath(model)!r}: could not load a crossmetric model from {where}: {error}"
-            ) from error
-        return embedder, image_processor
+        return load_resolved_embedder(*resolve_model(model, flag), image_processor, flag=flag, given=model)
     if isinstance(model, CrossMetricForMetricLearning):
         model = model.embedder
     if not isinstance(model, torch.nn.Module):
@@ -173,3 +158,30 @@ def load_embedder(
             raise ValueError("model has no CrossMetricConfig to build preprocessing from: pass image_processor=.")
         image_processor = build_image_processor(model.config)
     return model, image_processor
+
+
+def load_resolved_embedder(
+    kind: ModelKind,
+    source: Path | str,
+    image_processor: Any | None = None,
+    *,
+    flag: str = "--model",
+    given: str | os.PathLike | None = None,
+) -> tuple[CrossMetricModel, Any]:
+    """:func:`load_embedder` for a model already classified by :func:`resolve_model` (``kind``, ``source``), so that a
+    caller that resolved it once (``inference.loaded_model.LoadedModel``) does not resolve it again; ``given``: the
+    argument as the user wrote it, for messages."""
+    if kind == "checkpoint":
+        embedder = load_training_checkpoint(source).embedder.eval()
+        return embedder, image_processor or build_image_processor(embedder.config)
+    from transformers import AutoImageProcessor
+
+    try:
+        embedder = CrossMetricModel.from_pretrained(str(source)).eval()
+        if image_processor is None:
+            image_processor = AutoImageProcessor.from_pretrained(str(source))
+    except OSError as error:
+        where = "the Hub (it is not a local folder)" if kind == "hub" else str(source)
+        named = os.fspath(given) if given is not None else str(source)
+        raise ValueError(f"{flag} {named!r}: could not load a crossmetric model from {where}: {error}") from error
+    return embedder, image_processor

@@ -44,7 +44,11 @@ def find_reranker(model: Any, flag: str = "--model") -> Location | None:
     """
     if isinstance(model, CrossMetricReranker):
         return None
-    kind, source = resolve_model(model, flag)
+    return resolved_reranker(*resolve_model(model, flag), flag=flag)
+
+
+def resolved_reranker(kind: str, source: Path | str, *, flag: str = "--model") -> Location | None:
+    """:func:`find_reranker` for a model already classified by ``resolve_model`` (``kind``, ``source``)."""
     if kind == "export":
         folder = Path(source) / RERANKER_FOLDER
         return (str(folder), None) if (folder / "config.json").is_file() else None
