@@ -1,6 +1,6 @@
 """Sharing an :class:`~crossmetric.retrieval.index.EmbeddingIndex` on the Hugging Face Hub.
 
-An index is a folder of three files (see :mod:`.storage`), so sharing it is uploading that folder, to the root
+An index is a folder of files (see :mod:`.storage`), so sharing it is uploading that folder, to the root
 of a repo or, with ``path_in_repo="index"``, into the ``index/`` folder of the model's own repo so that the model
 and its index travel together. The upload goes through :func:`crossmetric.hub.push.push_to_hub_folder` (its
 input checks, token handling and error reporting); the download through ``huggingface_hub.snapshot_download``
@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .head_tokens import HEAD_TOKENS_FILE
-from .storage import EMBEDDINGS_FILE, INDEX_FILE, METADATA_FILE
+from .storage import EMBEDDINGS_FILE, INDEX_FILE, INDEX_FILE_PATTERNS, METADATA_FILE
 
 DEFAULT_SUBFOLDER = "index"  # where an index lives inside a model folder or model repo
 DEFAULT_COMMIT_MESSAGE = "Upload crossmetric embedding index"
@@ -42,7 +42,7 @@ def push_index(
     parts = check_path_in_repo(path_in_repo) if path_in_repo else ()
     with tempfile.TemporaryDirectory(prefix="crossmetric-index-") as staging:
         upload = Path(staging, "upload")
-        index.save(upload.joinpath(*parts))
+        index.save(upload.joinpath(*parts), bind=False)  # the index stays bound to its own folder
         return push_to_hub_folder(upload, repo_id, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE, **options)
 
 
@@ -75,7 +75,8 @@ def index_folder(
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
-    files = (METADATA_FILE, EMBEDDINGS_FILE, INDEX_FILE, HEAD_TOKENS_FILE)  # the tokens only where stored
+    # format 1's files, and format 2's segment files (items-*.arrow, index-*.faiss, ...): see storage.py
+    files = (METADATA_FILE, EMBEDDINGS_FILE, INDEX_FILE, HEAD_TOKENS_FILE, *INDEX_FILE_PATTERNS)
     patterns = ["/".join((*c, f)) for c in candidates for f in files]
     try:
         snapshot = snapshot_download(

@@ -27,17 +27,20 @@ def check_rerank_top_k(value: Any, name: str = "rerank_top_k") -> int:
 
 
 def check_index_for_reranker(index: Any, reranker: Any) -> None:
-    """Refuse an index without the head's tokens, or with tokens another re-ranker reads (one-line reasons)."""
-    stored = index.head_tokens
+    """Refuse an index without the head's tokens, or with tokens another re-ranker reads (one-line reasons).
+
+    Asks only the index protocol (:meth:`~.protocol.GalleryIndex.head_tokens_info`), so any engine can be checked."""
+    stored = index.head_tokens_info()
     if stored is None:
         raise ValueError(
             "the index holds no head tokens to re-rank with: rebuild it with `crossmetric index build --model MODEL` "
             "(with a model that has a re-ranker, the torch backend stores them)."
         )
     config = reranker.config
-    if stored.tokens.shape[2] != config.token_dim or stored.token_stage != config.token_stage:
+    channels, stage = stored["shape"][1], stored.get("token_stage")
+    if channels != config.token_dim or stage != config.token_stage:
         raise ValueError(
-            f"the index's head tokens ({stored.tokens.shape[2]} channels from {stored.token_stage!r}) are not the "
+            f"the index's head tokens ({channels} channels from {stage!r}) are not the "
             f"ones this re-ranker reads ({config.token_dim} from {config.token_stage!r}): use the index of its model."
         )
 
@@ -47,36 +50,26 @@ def rerank_hits(
     index: Any,
     query_embedding: np.ndarray,
     query_tokens: np.ndarray,
-    scores: np.ndarray,
-    rows: np.ndarray,
+    hits: list[dict[str, Any]],
     top_k: int,
     rerank_top_k: int,
 ) -> list[dict[str, Any]]:
-    """One query's results: its search ``rows``/``scores`` (embedding order) with the first ``rerank_top_k``
-    re-ranked, the rest in place; the first ``top_k`` returned."""
-    keep = rows >= 0
-    rows, scores = rows[keep], scores[keep]
-    head = rows[:rerank_top_k]
-    stored = RerankFeatures(index.embeddings[head], index.head_tokens.tokens[head])
-    ranking = reranker.rank(RerankFeatures(query_embedding, query_tokens), stored)
+    """One query's results: its search ``hits`` (embedding order) with the first ``rerank_top_k`` re-ranked, the
+    rest in place; the first ``top_k`` returned. Only the candidates' embeddings and tokens are read from the index
+    (:meth:`~.protocol.GalleryIndex.rerank_features`)."""
+    head = hits[:rerank_top_k]
+    if not head:
+        return []
+    embeddings, tokens = index.rerank_features([hit["id"] for hit in head])
+    ranking = reranker.rank(RerankFeatures(query_embedding, query_tokens), RerankFeatures(embeddings, tokens))
     results = []
     for hit in ranking:
-        row = int(head[hit["corpus_id"]])
+        base = head[hit["corpus_id"]]
         extra = {"cosine": hit["cosine"], "head_score": hit["head_score"], "reranked": True}
-        results.append(_result(index, row, hit["score"], extra))
-    for row, score in zip(rows[rerank_top_k:].tolist(), scores[rerank_top_k:].tolist()):
-        results.append(_result(index, row, score, {"cosine": score, "head_score": None, "reranked": False}))
+        results.append({**base, "score": float(hit["score"]), **extra})
+    for base in hits[rerank_top_k:]:
+        results.append({**base, "cosine": base["score"], "head_score": None, "reranked": False})
     return results[:top_k]
-
-
-def _result(index: Any, row: int, score: float, extra: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": index.ids[row],
-        "label": index.labels[row] if index.labels is not None else None,
-        "score": float(score),
-        "path": index.paths[row] if index.paths is not None else None,
-        **extra,
-    }
 
 
 def search_and_rerank(
@@ -87,16 +80,20 @@ def search_and_rerank(
     top_k: int,
     rerank_top_k: int,
     *,
-    ef_search: int | None = None,
-    nprobe: int | None = None,
+    filter: Any = None,
+    **search_params: Any,
 ) -> list[list[dict[str, Any]]]:
-    """For each query (embeddings Q×D, tokens Q×T×C), the index's ``max(top_k, rerank_top_k)`` nearest with the
-    first ``rerank_top_k`` re-ranked (:func:`rerank_hits`), ``top_k`` returned."""
+    """For each query (embeddings Q×D, tokens Q×T×C), the index's ``max(top_k, rerank_top_k)`` nearest (live, passing
+    ``filter``) with the first ``rerank_top_k`` re-ranked (:func:`rerank_hits`), ``top_k`` returned.
+    ``search_params``: the engine's search settings (``ef_search``, ``nprobe``; None values are left out)."""
     check_index_for_reranker(index, reranker)
     embeddings = np.asarray(query_embeddings, dtype=np.float32).reshape(-1, index.dim)
     tokens = np.asarray(query_tokens, dtype=np.float32)
-    scores, rows = index.search_arrays(embeddings, max(top_k, rerank_top_k), ef_search=ef_search, nprobe=nprobe)
+    options = {name: value for name, value in search_params.items() if value is not None}
+    if filter:
+        options["filter"] = filter
+    found = index.search(embeddings, max(top_k, rerank_top_k), **options)
     return [
-        rerank_hits(reranker, index, embeddings[q], tokens[q], scores[q], rows[q], top_k, rerank_top_k)
+        rerank_hits(reranker, index, embeddings[q], tokens[q], found[q], top_k, rerank_top_k)
         for q in range(len(embeddings))
     ]

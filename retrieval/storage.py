@@ -1,18 +1,26 @@
 """The on-disk format of an :class:`~crossmetric.retrieval.index.EmbeddingIndex` folder, and its checks.
 
-Three files with fixed names (ids and paths are data and never become file names), none of them a pickle:
+**Version 2** (written since the index became changeable): nothing per item is read onto the heap. A folder holds
 
-- ``metadata.json``: ``format_version``, ``kind``, ``metric``, ``dim``, ``count``, search ``params``, a ``model``
-  reference, and the per-row ``ids``, ``labels`` and ``paths``;
-- ``embeddings.safetensors``: one float32 tensor ``embeddings`` of shape count × dim, L2-normalised rows;
-- ``index.faiss``: the faiss index (``faiss.write_index``) over the same vectors;
-- with a model that has a re-ranker, ``head_tokens.safetensors``: each item's head tokens in float16, described in
-  ``metadata.json`` under ``head_tokens`` (see :mod:`.head_tokens`).
+- ``metadata.json``, the manifest, written last and swapped in atomically (its swap is what a reader such as
+  ``crossmetric serve``'s watch sees): ``format_version``, ``kind``, ``metric``, ``dim``, ``count`` (live items),
+  ``rows`` (stored rows), ``removed`` (rows removed and awaiting :meth:`compact`), search ``params``,
+  ``calibration``, the ``model`` reference, ``head_tokens`` (shape, token stage), the user ``columns``, the list of
+  ``segments`` and the current ``tombstones`` file, and a ``generation`` counter;
+- per segment ``S`` (the rows added together: the build, then each ``add``; rows are numbered globally, segment
+  after segment), the files :data:`SEGMENT_FILES` describes (:mod:`.segments`);
+- ``tombstones-G.npy``: a packed bitmap of the removed rows; a change writes a new file, never rewrites one.
 
-Readers check that the three agree (counts, dimension, index type and metric, first and last vectors) and name
-the file at fault, so that a folder mixed from two saves fails before a search returns wrong neighbours. Writers
-build the folder next to its target and swap it in (``utils.atomic_files.staged_directory``), so an interrupted
-save leaves the previous index readable.
+Every change writes its new files first and the manifest last, so a kill in the middle leaves the previous index
+readable; files neither the current nor the previous manifest names are deleted by the next change (a reader that
+read the previous manifest a moment ago can still open its files).
+
+**Version 1** (the first format, still read): ``metadata.json`` with the per-row ``ids``, ``labels`` and ``paths``,
+``embeddings.safetensors``, ``index.faiss`` and, with a re-ranker, ``head_tokens.safetensors``; all of it is read
+onto the heap, as before. The first change to such a folder rewrites it as version 2.
+
+Readers check that the files agree (counts, dimension, index type and metric) and name the file at fault, so that a
+folder mixed from two saves fails before a search returns wrong neighbours. None of the files is a pickle.
 """
 
 from __future__ import annotations
@@ -25,14 +33,28 @@ import faiss
 import numpy as np
 from safetensors.numpy import load_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+METADATA_FILE = "metadata.json"
+KINDS = ("exact", "hnsw", "ivf", "ivfpq")
+# Version 1's files.
 INDEX_FILE = "index.faiss"
 EMBEDDINGS_FILE = "embeddings.safetensors"
-METADATA_FILE = "metadata.json"
 EMBEDDINGS_KEY = "embeddings"
-KINDS = ("exact", "hnsw", "ivf")
-# What each kind is on disk: HNSW sits in an IndexIDMap2 (ids = row numbers, see EmbeddingIndex._build).
-_FAISS_CLASS = {"exact": faiss.IndexFlat, "hnsw": faiss.IndexIDMap2, "ivf": faiss.IndexIVFFlat}
+V1_FILES = (INDEX_FILE, EMBEDDINGS_FILE, "head_tokens.safetensors")
+# Version 2's per-segment files ({} = the segment's name); which ones a segment has depends on its kind.
+SEGMENT_FILES = {
+    "items": "items-{}.arrow",  # Arrow IPC file: id, label, path, user metadata columns
+    "index": "index-{}.faiss",  # the faiss index (exact/hnsw: holds the float32 vectors, memory-mapped)
+    "ivfdata": "index-{}.ivfdata",  # IVF kinds: the inverted lists, memory-mapped (faiss IO_FLAG_ONDISK_SAME_DIR)
+    "embeddings": "embeddings-{}.npy",  # IVF kinds: the vectors in row order (ivf float32, ivfpq float16)
+    "tokens": "tokens-{}.npy",  # head tokens N×T×C float16 for re-ranking
+    "idhash": "idhash-{}.npy",  # 2×N uint64: sorted hashes of the ids, and the local row of each
+}
+TOMBSTONES_FILE = "tombstones-{}.npy"
+TRAINED_FILE = "trained-{}.faiss"  # ivfpq: the trained, empty index new segments are encoded with
+INDEX_FILE_PATTERNS = tuple(p.format("*") for p in (*SEGMENT_FILES.values(), TOMBSTONES_FILE, TRAINED_FILE))
+# What each kind is in faiss: HNSW sits in an IndexIDMap2 (ids = global row numbers, see kinds.py).
+_FAISS_CLASS = {"exact": faiss.IndexFlat, "hnsw": faiss.IndexIDMap2, "ivf": faiss.IndexIVFFlat, "ivfpq": faiss.Index}
 
 
 class IndexFormatError(ValueError):
@@ -40,6 +62,7 @@ class IndexFormatError(ValueError):
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
+    """The manifest of an index folder (version 1 or 2), checked for the fields every reader relies on."""
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -55,9 +78,20 @@ def read_metadata(path: Path) -> dict[str, Any]:
         )
     if meta.get("kind") not in KINDS:
         raise IndexFormatError(f"{path}: kind {meta.get('kind')!r} is not one of {KINDS}.")
-    for key in ("count", "dim"):
-        if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool) or meta[key] < 1:
-            raise IndexFormatError(f"{path}: {key} must be a positive integer, got {meta.get(key)!r}.")
+    for key in ("count", "dim") if version == 1 else ("count", "dim", "rows", "generation"):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "dim" else 0):
+            raise IndexFormatError(f"{path}: {key} must be a positive integer, got {value!r}.")
+    if version == 1:
+        if meta["count"] < 1:
+            raise IndexFormatError(f"{path}: count must be a positive integer, got {meta['count']!r}.")
+        _check_v1_columns(path, meta)
+    else:
+        _check_v2_segments(path, meta)
+    return meta
+
+
+def _check_v1_columns(path: Path, meta: dict[str, Any]) -> None:
     for key in ("ids", "labels", "paths"):
         value = meta.get(key)
         if key == "ids" and not isinstance(value, list):
@@ -65,9 +99,39 @@ def read_metadata(path: Path) -> dict[str, Any]:
         if value is not None and (not isinstance(value, list) or len(value) != meta["count"]):
             length = len(value) if isinstance(value, list) else type(value).__name__
             raise IndexFormatError(f"{path}: {key} has {length} entries but count is {meta['count']}.")
-    return meta
 
 
+def _check_v2_segments(path: Path, meta: dict[str, Any]) -> None:
+    segments = meta.get("segments")
+    if not isinstance(segments, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("rows"), int) for s in segments
+    ):
+        raise IndexFormatError(f"{path}: segments must be a list of {{'name', 'rows'}} objects.")
+    rows = sum(s["rows"] for s in segments)
+    if rows != meta["rows"] or not 0 <= meta["count"] <= rows:
+        raise IndexFormatError(f"{path}: the segments hold {rows} rows but rows={meta['rows']}, count={meta['count']}.")
+    for segment in segments:
+        for name in segment.get("files", []):
+            if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+                raise IndexFormatError(f"{path}: segment file name {name!r} is not a plain file name.")
+
+
+def manifest_files(meta: dict[str, Any]) -> set[str]:
+    """Every file a version-2 manifest names (its segments', its tombstones, its trained template)."""
+    names = {name for segment in meta.get("segments", []) for name in segment.get("files", [])}
+    for key in ("tombstones", "trained"):
+        if meta.get(key):
+            names.add(meta[key])
+    return names
+
+
+def is_index_file(name: str) -> bool:
+    """Whether ``name`` is one of the files an index folder's writer owns (and may delete once unreferenced)."""
+    stems = [pattern.split("{}")[0] for pattern in (*SEGMENT_FILES.values(), TOMBSTONES_FILE, TRAINED_FILE)]
+    return name in V1_FILES or any(name.startswith(stem) for stem in stems)
+
+
+# -- version 1 ---------------------------------------------------------------------------------------------------
 def read_embeddings(path: Path, count: int, dim: int) -> np.ndarray:
     try:
         tensors = load_file(str(path))
@@ -87,9 +151,12 @@ def read_embeddings(path: Path, count: int, dim: int) -> np.ndarray:
     return embeddings
 
 
-def read_faiss(path: Path, count: int, dim: int, kind: str) -> Any:
+def read_faiss(path: Path, count: int, dim: int, kind: str, io_flags: int = 0) -> Any:
+    """Read and check a faiss file: its class and metric are ``kind``'s, it holds ``count`` vectors of ``dim``."""
+    if not path.is_file():
+        raise IndexFormatError(f"{path} is missing: the index folder is incomplete. Rebuild the index.")
     try:
-        index = faiss.read_index(str(path))  # already downcast to its concrete class
+        index = faiss.read_index(str(path), io_flags)  # already downcast to its concrete class
     except RuntimeError as error:
         raise IndexFormatError(f"{path} is not a readable faiss index: {error}") from error
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
@@ -107,6 +174,4 @@ def read_faiss(path: Path, count: int, dim: int, kind: str) -> Any:
             f"{path} holds {index.ntotal} vectors of dimension {index.d}, but {METADATA_FILE} says count={count}, "
             f"dim={dim}. The files come from different saves: rebuild the index."
         )
-    if kind == "ivf":
-        index.make_direct_map()  # lets reconstruct() check the stored vectors against the embeddings file
     return index

@@ -34,17 +34,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadedIndex:
-    """One loaded index and what the server derives from it once (the row of each id, for thumbnails)."""
+    """One loaded index (any :class:`~crossmetric.retrieval.protocol.GalleryIndex`; nothing per item is derived from
+    it: thumbnails ask ``index.records([id])``)."""
 
     index: EmbeddingIndex
     source: str
     generation: int
     loaded_at: float = field(default_factory=time.time)
-    rows_by_id: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, index: EmbeddingIndex, source: str, generation: int) -> LoadedIndex:
-        return cls(index, source, generation, rows_by_id={id_: row for row, id_ in enumerate(index.ids)})
+        return cls(index, source, generation)
 
     def info(self) -> dict[str, Any]:
         return {

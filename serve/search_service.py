@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from ..retrieval.head_tokens import HeadTokens
 from ..retrieval.reranking import check_index_for_reranker, search_and_rerank
 from ..retrieval.storage import METADATA_FILE, read_metadata
 from .errors import ServeError
@@ -63,13 +62,12 @@ def check_index_folder_for_reranker(folder: Path, reranker_config: Any) -> None:
     if not (folder / METADATA_FILE).is_file():
         return
     stored = read_metadata(folder / METADATA_FILE).get("head_tokens")
-    tokens = None
     if stored:
         shape = stored.get("shape") if isinstance(stored, dict) else None
         if not isinstance(shape, list) or len(shape) != 2 or not all(isinstance(n, int) for n in shape):
             return
-        tokens = HeadTokens(np.zeros((0, *shape), np.float16), stored.get("token_stage"))  # the shape, no rows
-    check_index_for_reranker(SimpleNamespace(head_tokens=tokens), SimpleNamespace(config=reranker_config))
+    described = SimpleNamespace(head_tokens_info=lambda: stored or None)  # the protocol's answer, from the manifest
+    check_index_for_reranker(described, SimpleNamespace(config=reranker_config))
 
 
 def rerank(

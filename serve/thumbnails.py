@@ -1,10 +1,11 @@
 """Thumbnails of gallery images for the search page, read only from the files the index recorded at build time.
 
-A request names an index entry by its id; the id is looked up in the loaded index (:class:`LoadedIndex.rows_by_id`)
-and the file read is the path that entry recorded. Nothing from the request is ever joined to a path or opened, so
-no request reaches any other file. The file is decoded with the server's own checks (a decompression bomb in the
-gallery is refused like one in a request) and re-encoded small (JPEG, at most :data:`THUMBNAIL_SIZE` pixels a side),
-so the answer is always an image, whatever the file held. Recent thumbnails are kept in a small cache.
+A request names an index entry by its id; the id is looked up in the loaded index (``index.records([id])``, a hash
+lookup in the index's memory-mapped files) and the file read is the path that entry recorded. Nothing from the
+request is ever joined to a path or opened, so no request reaches any other file. The file is decoded with the
+server's own checks (a decompression bomb in the gallery is refused like one in a request) and re-encoded small
+(JPEG, at most :data:`THUMBNAIL_SIZE` pixels a side), so the answer is always an image, whatever the file held.
+Recent thumbnails are kept in a small cache.
 """
 
 from __future__ import annotations
@@ -39,14 +40,13 @@ class Thumbnails:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        row = loaded.rows_by_id.get(entry_id)
-        paths = loaded.index.paths
-        if row is None:
+        record = loaded.index.records([entry_id])[0]
+        if record is None:
             raise ServeError("not_found", "no entry of the index has this id.")
-        if paths is None or paths[row] is None:
+        if record.get("path") is None:
             raise ServeError("not_found", "this index entry recorded no file (it was built from a dataset).")
         try:
-            data = Path(paths[row]).read_bytes()
+            data = Path(record["path"]).read_bytes()
             image = self.decode(data)
         except (OSError, ValueError):
             raise ServeError("not_found", "the file this entry recorded is gone or no longer an image.") from None

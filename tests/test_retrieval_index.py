@@ -14,10 +14,11 @@ import datasets
 import numpy as np
 import pytest
 from _hub_server import hub_server  # noqa: F401 - pytest fixture
+from _index_v1 import save_v1
 from _retrieval_fixtures import brute_force, embed_reference, export_tiny_model, make_class_folder
 from safetensors.numpy import save_file
 
-import crossmetric.retrieval.index as retrieval_index
+import crossmetric.retrieval.segments as retrieval_segments
 from crossmetric.retrieval.index import EmbeddingIndex
 from crossmetric.retrieval.storage import IndexFormatError
 
@@ -120,11 +121,12 @@ def test_save_load_round_trip_gives_identical_results(tmp_path: Path, kind: str)
     index = make_index(n=800, dim=16, kind=kind)
     index.model = {"name_or_path": "some/model", "embedding_dim": 16}
     index.save(tmp_path / "index")
-    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [
-        "embeddings.safetensors",
-        "index.faiss",
-        "metadata.json",
-    ]
+    # format 2 (one segment): an exact index keeps its vectors only in its faiss file, IVF adds its on-disk lists
+    expected = ["idhash-000001.npy", "index-000001.faiss", "items-000001.arrow", "metadata.json"]
+    expected += {"exact": [], "hnsw": ["embeddings-000001.npy"]}.get(
+        kind, ["embeddings-000001.npy", "index-000001.ivfdata", "trained-000000.faiss"]
+    )
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(expected)
     loaded = EmbeddingIndex.load(tmp_path / "index")
     queries = random_vectors(20, 16, seed=9)
     assert loaded.search(queries, k=7) == index.search(queries, k=7)
@@ -145,7 +147,8 @@ def _edit_metadata(folder: Path, **changes) -> None:
 
 
 def test_mismatched_files_are_refused_with_the_file_named(tmp_path: Path) -> None:
-    folder = make_index(n=30, dim=8).save(tmp_path / "index")
+    """Format 1's checks (a folder written as before format 2); format 2's are in test_index_storage.py."""
+    folder = save_v1(make_index(n=30, dim=8), tmp_path / "index")
     meta = json.loads((folder / "metadata.json").read_text())
 
     grown = {key: meta[key] + [f"extra-{key}"] for key in ("ids", "labels", "paths")}
@@ -162,12 +165,14 @@ def test_mismatched_files_are_refused_with_the_file_named(tmp_path: Path) -> Non
     with pytest.raises(IndexFormatError, match="not L2-normalised"):
         EmbeddingIndex.load(folder)
 
-    other = make_index(n=30, dim=8, seed=11).save(tmp_path / "other")  # same shape, other vectors
+    other = save_v1(make_index(n=30, dim=8, seed=11), tmp_path / "other")  # same shape, other vectors
     (folder / "embeddings.safetensors").write_bytes((other / "embeddings.safetensors").read_bytes())
     with pytest.raises(IndexFormatError, match=r"index\.faiss holds other vectors than"):
         EmbeddingIndex.load(folder)
 
-    (folder / "index.faiss").write_bytes((make_index(n=31, dim=8).save(tmp_path / "x") / "index.faiss").read_bytes())
+    (folder / "index.faiss").write_bytes(
+        (save_v1(make_index(n=31, dim=8), tmp_path / "x") / "index.faiss").read_bytes()
+    )
     with pytest.raises(IndexFormatError, match=r"index\.faiss holds 31 vectors of dimension 8"):
         EmbeddingIndex.load(folder)
 
@@ -194,7 +199,7 @@ def test_an_interrupted_save_leaves_the_previous_index_readable(tmp_path: Path, 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # as if the process were stopped half-way through writing
 
-    monkeypatch.setattr(retrieval_index, "save_file", crash)
+    monkeypatch.setattr(retrieval_segments, "write_table", crash)
     with pytest.raises(KeyboardInterrupt):
         make_index(n=60, dim=8, seed=2).save(tmp_path / "index")
     loaded = EmbeddingIndex.load(tmp_path / "index")
@@ -214,7 +219,7 @@ def test_hub_round_trip_next_to_the_model(tmp_path: Path, hub_server, monkeypatc
     index = make_index(n=120, dim=16, kind="hnsw")
     commit = index.push_to_hub(repo, path_in_repo="index")
     files = hub_server.repo_files(repo)
-    assert {"config.json", "model.safetensors", "index/metadata.json", "index/index.faiss"} <= set(files)
+    assert {"config.json", "model.safetensors", "index/metadata.json", "index/index-000001.faiss"} <= set(files)
     assert commit.oid
 
     hub_server.requests.clear()

@@ -1,0 +1,169 @@
+"""One segment of an index: the rows added together (the build, then each ``add``), their files and their search.
+
+A segment holds its items' Arrow table (:mod:`.columns`), their vectors, their head tokens, an id lookup
+(:mod:`.idhash`) and a faiss index (:mod:`.kinds`). In memory (an index built from arrays) these are heap arrays; once
+written (``items-S.arrow``, ``index-S.faiss`` [+ ``.ivfdata``], ``embeddings-S.npy``, ``tokens-S.npy``,
+``idhash-S.npy``) they are opened memory-mapped, so that a loaded segment keeps nothing per item on the heap. An
+``exact`` segment stores its vectors once: in its faiss file, whose memory-mapped pages are also the embeddings that
+re-ranking and compaction read. Segments are never rewritten: a change adds files, compaction writes a new segment.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from .columns import read_table, write_table
+from .idhash import build_lookup
+from .kinds import uses_global_ids, write_ivf_ondisk
+from .storage import SEGMENT_FILES, IndexFormatError, read_faiss
+
+_READ_FLAGS = {
+    "exact": faiss.IO_FLAG_MMAP_IFC,
+    "hnsw": faiss.IO_FLAG_MMAP_IFC,
+    "ivf": faiss.IO_FLAG_ONDISK_SAME_DIR,
+    "ivfpq": faiss.IO_FLAG_ONDISK_SAME_DIR,
+}
+
+
+def flat_vectors(index: Any, rows: int, dim: int) -> np.ndarray:
+    """A read-only numpy view of an ``IndexFlat``'s vectors (in its memory: the heap, or the file's mapped pages)."""
+    if rows == 0:
+        return np.zeros((0, dim), np.float32)
+    view = faiss.rev_swig_ptr(index.get_xb(), rows * dim).reshape(rows, dim)
+    view.flags.writeable = False
+    return view
+
+
+@dataclass(eq=False)
+class Segment:
+    """Rows ``start`` .. ``start + rows - 1`` of an index (see the module docstring).
+
+    Attributes:
+        kind: the index kind (its faiss ids are local positions for ``exact``, global rows otherwise).
+        start: the global row number of the segment's first row.
+        table: ``id``, ``label``, ``path`` and user columns, one row per item.
+        index: the faiss index over the rows.
+        vectors: rows × D embeddings in row order (float32; float16 for ``ivfpq``).
+        tokens: rows × T × C float16 head tokens, or None.
+        lookup: 2 × rows uint64 sorted id hashes and positions (:func:`.idhash.build_lookup`).
+        name: the file stem once written (None: only in memory).
+        files: the file names it was written to.
+    """
+
+    kind: str
+    start: int
+    table: pa.Table
+    index: Any
+    vectors: np.ndarray
+    tokens: np.ndarray | None
+    lookup: np.ndarray
+    name: str | None = None
+    files: list[str] = field(default_factory=list)
+    folder: Path | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.table.num_rows
+
+    @classmethod
+    def in_memory(
+        cls, kind: str, start: int, table: pa.Table, index: Any, vectors: np.ndarray, tokens: np.ndarray | None
+    ) -> Segment:
+        if kind == "exact":
+            vectors = flat_vectors(index, table.num_rows, vectors.shape[1])  # the index's copy: no second one
+        ids = table.column("id").to_pylist()
+        return cls(kind, start, table, index, vectors, tokens, build_lookup(ids))
+
+    def entry(self) -> dict[str, Any]:
+        """This segment in the manifest."""
+        return {"name": self.name, "rows": self.rows, "files": list(self.files)}
+
+    # -- writing and opening -------------------------------------------------------------------------------------
+    def write(self, folder: Path, name: str) -> list[str]:
+        """Write the segment's files into ``folder`` as segment ``name`` (copied where it is already on disk)."""
+        names = {key: pattern.format(name) for key, pattern in SEGMENT_FILES.items()}
+        files = [names["items"], names["index"], names["idhash"]]
+        if self.kind != "exact":
+            files.append(names["embeddings"])
+        if self.kind in ("ivf", "ivfpq"):
+            files.append(names["ivfdata"])
+        if self.tokens is not None:
+            files.append(names["tokens"])
+        if self.folder is not None and self.name is not None:  # on disk already: copy its files
+            own = {key: pattern.format(self.name) for key, pattern in SEGMENT_FILES.items()}
+            for key, target in names.items():
+                if target in files:
+                    shutil.copyfile(self.folder / own[key], folder / target)
+            return files
+        write_table(self.table, folder / names["items"])
+        np.save(folder / names["idhash"], np.ascontiguousarray(self.lookup))
+        if self.kind in ("ivf", "ivfpq"):
+            write_ivf_ondisk(self.index, folder, Path(names["index"]).stem)
+        else:
+            faiss.write_index(self.index, str(folder / names["index"]))
+        if self.kind != "exact":
+            np.save(folder / names["embeddings"], np.ascontiguousarray(self.vectors))
+        if self.tokens is not None:
+            np.save(folder / names["tokens"], np.ascontiguousarray(self.tokens))
+        return files
+
+    @classmethod
+    def open(
+        cls, folder: Path, entry: dict[str, Any], kind: str, start: int, dim: int, token_shape: list[int] | None
+    ) -> Segment:
+        """Open a written segment memory-mapped, checking that its files agree with the manifest's ``entry``."""
+        name, rows = entry["name"], entry["rows"]
+        names = {key: folder / pattern.format(name) for key, pattern in SEGMENT_FILES.items()}
+        table = read_table(_present(names["items"]))
+        if table.num_rows != rows or "id" not in table.column_names:
+            raise IndexFormatError(
+                f"{names['items']} holds {table.num_rows} rows (columns {table.column_names}) but the manifest says "
+                f"{rows}: the files come from different saves. Rebuild the index."
+            )
+        index = read_faiss(names["index"], rows, dim, kind, _READ_FLAGS[kind])
+        if kind == "exact":
+            vectors = flat_vectors(index, rows, dim)
+        else:
+            vectors = _npy(names["embeddings"], (rows, dim))
+        tokens = _npy(names["tokens"], (rows, *token_shape)) if token_shape else None
+        lookup = _npy(names["idhash"], (2, rows))
+        return cls(kind, start, table, index, vectors, tokens, lookup, name, list(entry.get("files", [])), folder)
+
+    # -- search --------------------------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, global rows)`` of the segment's ``k`` nearest per query (-1 where fewer were found)."""
+        k = min(k, self.rows)
+        # faiss.contrib.torch_utils (imported by e.g. pytorch-metric-learning) replaces ``search`` with a wrapper that
+        # drops ``params``; the numpy original stays reachable as ``search_numpy``.
+        search = getattr(self.index, "search_numpy", self.index.search)
+        scores, ids = search(queries, k, params=params)
+        if not uses_global_ids(self.kind):
+            ids = np.where(ids >= 0, ids + self.start, -1)
+        return scores, ids
+
+
+def _present(path: Path) -> Path:
+    if not path.is_file():
+        raise IndexFormatError(f"{path} is missing: the index folder is incomplete. Rebuild the index.")
+    return path
+
+
+def _npy(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A memory-mapped ``.npy`` of the expected shape (the error names the file)."""
+    try:
+        array = np.load(_present(path), mmap_mode="r", allow_pickle=False)
+    except ValueError as error:
+        raise IndexFormatError(f"{path} is not a readable .npy file: {error}") from error
+    if array.shape != tuple(shape):
+        raise IndexFormatError(
+            f"{path} holds an array of shape {array.shape}, but the manifest says {tuple(shape)}: the files come "
+            "from different saves. Rebuild the index."
+        )
+    return array
