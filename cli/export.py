@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from .arguments import report_error
+from .arguments import add_progress_argument, apply_progress, explicit_progress, report_error
 from .logging_setup import add_log_level_argument
 
 
@@ -33,12 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--onnx_recall", choices=("auto", "on", "off"), default="auto",
         help="Recall@1 of fp32 and 8-bit ONNX on the run's evaluation split (auto: for the glyph benchmark)",
     )  # fmt: skip
+    add_progress_argument(parser)
     return add_log_level_argument(parser)
 
 
 def main(argv: Sequence[str]) -> int:
     """Run ``crossmetric export``; print where the model was written."""
-    args = build_parser().parse_args(list(argv))
+    args = build_parser().parse_args(explicit_progress(argv))
+    apply_progress(args.progress)
     from ..hub.export import export_checkpoint
 
     try:

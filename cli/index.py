@@ -1,13 +1,22 @@
-"""``crossmetric index build``: embed a gallery (image folder or dataset) with a model and save a searchable index.
+"""``crossmetric index``: build a searchable index of a gallery, then change it and look into it.
 
-    crossmetric index build --model MODEL --images FOLDER_OR_DATASET --output_dir INDEX [--kind exact|hnsw|ivf]
+    crossmetric index build --model MODEL --images FOLDER_OR_DATASET --output_dir INDEX [--kind exact|hnsw|ivf|ivfpq]
+        [--shard_size N] [--max_memory 2G] [--refine R] [--metadata_columns COLUMN ...]
+    crossmetric index add --index INDEX --images NEW [--model MODEL]
+    crossmetric index remove --index INDEX (--ids ID ... | --ids_file FILE)
+    crossmetric index compact --index INDEX
+    crossmetric index info --index INDEX [--json]
+    crossmetric index duplicates --index INDEX --threshold T [--output FILE]
 
-With a model that has a re-ranker (``reranker/``), each gallery item's head tokens are stored too, in float16 (the
-bytes per item are printed and recorded in ``metadata.json``), for ``search --rerank_top_k``.
+``build`` embeds the gallery shard by shard (``--shard_size`` images each) into a work folder beside the output
+(``.<name>.build/``): the same command run again after a kill continues from the first unfinished shard, and under
+``accelerate launch`` each process embeds whole shards (see :mod:`crossmetric.retrieval.build`). With a model that has
+a re-ranker (``reranker/``), each item's head tokens are stored too, in float16, for ``search --rerank_top_k``.
 
-``index build`` under ``accelerate launch`` with several processes builds in parallel (each process embeds a
-shard; see :func:`~crossmetric.retrieval.build.build_index_distributed`). Exit codes: 0 success, 2 bad input (a
-clear message on stderr, before any model is loaded or image embedded).
+``add``, ``remove`` and ``compact`` change the index folder in place, atomically (a kill leaves the previous index
+readable), and a running ``crossmetric serve`` answers from the changed index. The sub-commands other than ``build``
+live in :mod:`.index_changes`. Exit codes: 0 success, 2 bad input (a clear message on stderr, before any model is
+loaded or image embedded).
 """
 
 from __future__ import annotations
@@ -19,11 +28,37 @@ from pathlib import Path
 from typing import Any
 
 from ..inference.loading import resolve_model
+from ..retrieval.shards import DEFAULT_SHARD_SIZE
 from ..retrieval.storage import KINDS
-from .arguments import add_backend_argument, add_device_argument, add_progress_argument, report_error
+from .arguments import (
+    add_backend_argument,
+    add_device_argument,
+    add_progress_argument,
+    apply_progress,
+    explicit_progress,
+    report_error,
+)
 from .logging_setup import add_log_level_argument
 
-SUBCOMMANDS = ("build",)
+SUBCOMMANDS = ("build", "add", "remove", "compact", "info", "duplicates")
+DEFAULT_MAX_MEMORY = "2G"
+
+
+def add_gallery_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a gallery is read and embedded: shared by ``build`` and ``add``."""
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--num_workers", type=int, default=0, help="image decoding worker processes")
+    parser.add_argument("--split", default=None, help="dataset split (needed when a dataset has several)")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--label_column", default="label")
+    parser.add_argument("--id_column", default=None, help="dataset column with ids (default: row number)")
+    parser.add_argument(
+        "--metadata_columns", nargs="+", default=None, metavar="COLUMN",
+        help="dataset columns kept with each item, for search --filter COLUMN=VALUE (a dataset gallery only)",
+    )  # fmt: skip
+    add_device_argument(parser)
+    add_backend_argument(parser)
+    add_progress_argument(parser)
 
 
 def add_index_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -39,26 +74,38 @@ def add_index_build_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument(
         "--output_dir", required=True, type=Path, help="the folder to write the index to (replaced as a whole)"
     )
-    parser.add_argument("--kind", choices=KINDS, default="exact", help="exact (default), hnsw or ivf")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=0, help="image decoding worker processes")
-    parser.add_argument("--split", default=None, help="dataset split (needed when a dataset has several)")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--label_column", default="label")
-    parser.add_argument("--id_column", default=None, help="dataset column with ids (default: row number)")
+    parser.add_argument("--kind", choices=KINDS, default="exact", help=f"{', '.join(KINDS)} (default: exact)")
+    parser.add_argument(
+        "--shard_size", type=int, default=DEFAULT_SHARD_SIZE,
+        help=f"images per shard (default {DEFAULT_SHARD_SIZE:,}): each finished shard is kept, so a rerun after a "
+        "kill loses at most one; under accelerate launch each process takes whole shards",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max_memory", default=DEFAULT_MAX_MEMORY,
+        help="ivfpq: the memory budget its lists and code size are chosen for, e.g. 512M, 2G (default 2G)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--refine", type=int, default=None,
+        help="ivfpq: search k × REFINE candidates and re-score them exactly (default: the measured default)",
+    )  # fmt: skip
     parser.add_argument("--ef_search", type=int, default=None, help="HNSW search width (default: calibrated)")
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists per query (default: calibrated)")
     parser.add_argument("--target_recall", type=float, default=0.95, help="recall@10 the calibration aims for")
-    add_device_argument(parser)
-    add_backend_argument(parser)
-    add_progress_argument(parser)
+    add_gallery_arguments(parser)
     return add_log_level_argument(parser)
 
 
-def _load_images(ns: argparse.Namespace) -> Any:
+def load_images(ns: argparse.Namespace) -> Any:
     """The ``--images`` value as a folder path or a ``datasets.Dataset`` (one split)."""
     path = Path(ns.images)
+    if not path.exists() and (ns.images.startswith((".", "/", "~")) or ns.images.count("/") > 1):
+        raise ValueError(f"--images {ns.images!r}: no such folder.")
     if path.is_dir() and not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        if ns.metadata_columns:
+            raise ValueError(
+                f"--metadata_columns needs a dataset gallery: --images {ns.images!r} is an image folder, whose only "
+                "column is its sub-folder names (the labels)."
+            )
         return str(path)
     import datasets
 
@@ -74,6 +121,11 @@ def _load_images(ns: argparse.Namespace) -> Any:
         if ns.split is not None and ns.split not in loaded:
             raise ValueError(f"--split {ns.split!r} is not a split of {ns.images!r} (splits: {list(loaded)}).")
         loaded = loaded[ns.split or next(iter(loaded))]
+    missing = [c for c in ns.metadata_columns or () if c not in loaded.column_names]
+    if missing:
+        raise ValueError(
+            f"--metadata_columns {missing}: not columns of {ns.images!r} (its columns: {loaded.column_names})."
+        )
     return loaded
 
 
@@ -81,33 +133,51 @@ def _distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def index_options(ns: argparse.Namespace) -> dict[str, Any]:
+    """The index settings of ``build``: the search settings, and ``ivfpq``'s budget and re-scoring (checked)."""
+    options: dict[str, Any] = {"ef_search": ns.ef_search, "nprobe": ns.nprobe, "target_recall": ns.target_recall}
+    if ns.kind == "ivfpq":
+        from ..retrieval.ivfpq import parse_memory
+
+        options["max_memory"] = parse_memory(ns.max_memory)
+        if ns.refine is not None:
+            options["refine"] = ns.refine
+    elif ns.refine is not None or ns.max_memory != DEFAULT_MAX_MEMORY:
+        raise ValueError(f"--max_memory and --refine are settings of --kind ivfpq, not of --kind {ns.kind}.")
+    if ns.refine is not None and ns.refine < 1:
+        raise ValueError(f"--refine must be >= 1, got {ns.refine}.")
+    return options
+
+
 def run_index_build(ns: argparse.Namespace) -> int:
     """Run ``crossmetric index build``; print the index summary and where it was saved."""
-    from ..retrieval.build import build_index, build_index_distributed
+    from ..retrieval.build import build_index_distributed, build_index_sharded
 
+    apply_progress(ns.progress)
     try:
         resolve_model(ns.model)
         if ns.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {ns.batch_size}.")
+        if ns.shard_size < 1:
+            raise ValueError(f"--shard_size must be >= 1, got {ns.shard_size}.")
         if ns.output_dir.exists() and not ns.output_dir.is_dir():
             raise ValueError(f"--output_dir {str(ns.output_dir)!r} is a file.")
-        if not Path(ns.images).exists() and (ns.images.startswith((".", "/", "~")) or ns.images.count("/") > 1):
-            raise ValueError(f"--images {ns.images!r}: no such folder.")
-        images = _load_images(ns)
+        settings = index_options(ns)
+        images = load_images(ns)
     except (ValueError, FileNotFoundError) as error:
         return report_error("index build", error)
     options = {
         "kind": ns.kind,
+        "shard_size": ns.shard_size,
         "batch_size": ns.batch_size,
         "progress": ns.progress,
         "num_workers": ns.num_workers,
         "image_column": ns.image_column,
         "label_column": ns.label_column,
         "id_column": ns.id_column,
-        "ef_search": ns.ef_search,
-        "nprobe": ns.nprobe,
-        "target_recall": ns.target_recall,
+        "metadata_columns": ns.metadata_columns,
         "backend": ns.backend,
+        **settings,
     }
     try:
         if _distributed():
@@ -116,34 +186,54 @@ def run_index_build(ns: argparse.Namespace) -> int:
             import torch
 
             device = ns.device or ("cuda" if torch.cuda.is_available() and ns.backend == "torch" else "cpu")
-            index = build_index(ns.model, images, device=device, **options)
-            index.save(ns.output_dir)
+            index = build_index_sharded(ns.model, images, ns.output_dir, device=device, **options)
     except (ValueError, FileNotFoundError, ImportError) as error:
         return report_error("index build", error)
     if index is not None:
         print(f"{index} saved to {ns.output_dir}")
-        if index.head_tokens is not None:  # the model has a re-ranker: search --rerank_top_k can use them
-            print(f"stored for re-ranking: {index.head_tokens.describe()}")
+        tokens = getattr(index, "head_tokens", None)
+        if tokens is not None:  # the model has a re-ranker: search --rerank_top_k can use them
+            print(f"stored for re-ranking: {tokens.describe()}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``crossmetric index`` with its ``build`` sub-command."""
-    parser = argparse.ArgumentParser(prog="crossmetric index", description="Build retrieval indexes.")
-    add_log_level_argument(parser)
-    commands = parser.add_subparsers(dest="subcommand", required=True, metavar="{build}")
-    add_index_build_arguments(
-        commands.add_parser(
-            "build",
-            prog="crossmetric index build",
-            help="embed a gallery with a model and save a searchable index",
-            description="Embed a gallery (image folder or dataset) with a model and save a searchable index.",
-        )
+    """``crossmetric index`` with its sub-commands."""
+    from .index_changes import (
+        add_index_add_arguments,
+        add_index_compact_arguments,
+        add_index_duplicates_arguments,
+        add_index_info_arguments,
+        add_index_remove_arguments,
     )
+
+    parser = argparse.ArgumentParser(
+        prog="crossmetric index", description="Build retrieval indexes, change them and look into them."
+    )
+    add_log_level_argument(parser)
+    commands = parser.add_subparsers(dest="subcommand", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    helps = {
+        "build": (add_index_build_arguments, "embed a gallery (image folder or dataset) with a model and save a "
+                  "searchable index; a rerun after a kill continues from the last finished shard"),
+        "add": (add_index_add_arguments, "embed new images and add them to an index (an existing id is replaced)"),
+        "remove": (add_index_remove_arguments, "remove items from an index by id"),
+        "compact": (add_index_compact_arguments, "rewrite an index without its removed rows"),
+        "info": (add_index_info_arguments, "kind, items, removed rows awaiting compaction, bytes on disk, model"),
+        "duplicates": (add_index_duplicates_arguments, "write the groups of near-duplicate items as JSON Lines"),
+    }  # fmt: skip
+    for name in SUBCOMMANDS:
+        add, text = helps[name]
+        add(
+            commands.add_parser(
+                name, prog=f"crossmetric index {name}", help=text, description=text[0].upper() + text[1:] + "."
+            )
+        )
     return parser
 
 
 def main(argv: Sequence[str]) -> int:
-    """Parse ``argv`` (``build ...``) and run the sub-command."""
-    ns = build_parser().parse_args(list(argv))
-    return run_index_build(ns)
+    """Parse ``argv`` (``SUBCOMMAND ...``) and run the sub-command."""
+    from .index_changes import RUNS
+
+    ns = build_parser().parse_args(explicit_progress(argv))
+    return run_index_build(ns) if ns.subcommand == "build" else RUNS[ns.subcommand](ns)

@@ -17,7 +17,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from .arguments import report_error
+from .arguments import explicit_progress, report_error
 from .logging_setup import setup_logging, split_log_level
 
 # command -> the module (in this package) whose ``main(argv) -> int`` runs it
@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         level, rest = split_log_level(argv[1:])
+        rest = explicit_progress(rest)  # `--progress` alone never takes the next argument as its value
         setup_logging(level)
         run = importlib.import_module(COMMANDS[command], __package__).main
         return int(run(rest) or 0)

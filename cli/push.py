@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..hub.push import DEFAULT_COMMIT_MESSAGE, HubPushError, push_to_hub_folder
 from ..inference.loading import resolve_model
-from .arguments import parse_and_run, report_error
+from .arguments import add_progress_argument, apply_progress, parse_and_run, report_error
 from .logging_setup import add_log_level_argument
 
 DESCRIPTION = "Upload an exported model (and its index) to the Hugging Face Hub."
@@ -33,6 +33,7 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--create-pr", action="store_true", help="open a pull request against main")
     parser.add_argument("--commit-message", default=None, help=f"default: {DEFAULT_COMMIT_MESSAGE!r}")
     parser.add_argument("--endpoint", default=None, help="Hub URL (default: $HF_ENDPOINT or huggingface.co)")
+    add_progress_argument(parser)  # the upload's bars
     return add_log_level_argument(parser)
 
 
@@ -41,6 +42,7 @@ def run_push(args: argparse.Namespace) -> int:
 
     Exit codes: 0 pushed, 1 the Hub or network failed, 2 bad input.
     """
+    apply_progress(args.progress)
     try:
         kind, folder = resolve_model(args.model)
         if kind != "export":

@@ -19,7 +19,14 @@ from pathlib import Path
 from ..inference.loading import resolve_model
 from ..inference.reranker_loading import require_reranker
 from ..retrieval.reranking import check_rerank_top_k
-from .arguments import add_backend_argument, add_device_argument, parse_and_run, report_error
+from .arguments import (
+    add_backend_argument,
+    add_device_argument,
+    add_progress_argument,
+    apply_progress,
+    parse_and_run,
+    report_error,
+)
 from .logging_setup import add_log_level_argument
 
 DESCRIPTION = "Find the gallery images nearest to query images in a saved index."
@@ -41,6 +48,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     )  # fmt: skip
     add_device_argument(parser)
     add_backend_argument(parser)
+    add_progress_argument(parser)  # the bars of a model or index downloaded from the Hub
     return add_log_level_argument(parser)
 
 
@@ -48,6 +56,7 @@ def run_search(ns: argparse.Namespace) -> int:
     """Run ``crossmetric search``: the ``top_k`` nearest entries for each query image, as text or JSON lines."""
     from ..retrieval.search import search_images
 
+    apply_progress(ns.progress)
     try:
         kind, model = resolve_model(ns.model)
         if kind == "checkpoint":

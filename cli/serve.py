@@ -22,7 +22,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .arguments import add_backend_argument, add_device_argument, report_error
+from .arguments import (
+    add_backend_argument,
+    add_device_argument,
+    add_progress_argument,
+    apply_progress,
+    explicit_progress,
+    report_error,
+)
 from .logging_setup import add_log_level_argument
 
 if TYPE_CHECKING:
@@ -79,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model_threads", type=int, default=None, help="the model's intra-op threads (default: half the CPUs)"
     )
+    add_progress_argument(parser)  # the bars of a model or index downloaded from the Hub
     return add_log_level_argument(parser)
 
 
@@ -111,7 +119,8 @@ def settings_from_arguments(ns: argparse.Namespace) -> tuple[ServeSettings, str]
 
 def main(argv: Sequence[str]) -> int:
     """Parse ``argv``, check the configuration, and serve until stopped."""
-    ns = build_parser().parse_args(list(argv))
+    ns = build_parser().parse_args(explicit_progress(argv))
+    apply_progress(ns.progress)
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401

@@ -13,18 +13,17 @@ from collections.abc import Sequence
 from .logging_setup import add_log_level_argument, progress_default
 
 
-def main(argv: Sequence[str]) -> int:
-    """Run ``crossmetric train [--config RECIPE_OR_YAML] [--field value ...]``; return the exit code."""
-    import time
-
+def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The parser of ``crossmetric train`` with the defaults of ``--config`` (a recipe or YAML file) in ``argv``
+    applied, and the other arguments. Its bool fields take ``--field``, ``--field true|false`` and ``--no-field``
+    (``HfArgumentParser``), the spelling every command's ``--progress`` shares."""
     from transformers import HfArgumentParser
 
     from ..training.config import RECIPES, TrainingConfig, load_config_values
 
-    started = time.perf_counter()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
+    known, rest = pre.parse_known_args(list(argv))
     parser = HfArgumentParser(
         TrainingConfig,
         prog="crossmetric train",
@@ -35,8 +34,16 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--config", default=None, help="recipe name or YAML file; command-line fields win")
     add_log_level_argument(parser)
     parser.set_defaults(progress=progress_default())  # a recipe, YAML file or --progress wins
-    values = load_config_values(known.config)
-    parser.set_defaults(**values)
+    parser.set_defaults(**load_config_values(known.config))
+    return parser, rest
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run ``crossmetric train [--config RECIPE_OR_YAML] [--field value ...]``; return the exit code."""
+    import time
+
+    started = time.perf_counter()
+    parser, rest = build_parser(argv)
     config, *_ = parser.parse_args_into_dataclasses(args=list(rest), look_for_args_file=False)
     from ..training.trainer import CrossMetricTrainer
     from ..utils.atomic_files import write_atomic

@@ -8,32 +8,28 @@ Sources: an image folder (ids are the files' paths relative to the folder; the l
 sub-folder when every image lies in one, as in a one-class-per-folder layout) or a ``datasets.Dataset`` (ids
 from ``id_column`` or the row number, labels from ``label_column``, paths from the undecoded image records).
 
-:func:`embed_gallery_distributed` runs under ``accelerate launch`` with N processes: every process lists the same
-items in the same order, embeds the rows ``process_index::num_processes``, and saves its shard (safetensors +
-JSON, written atomically); the main process waits for all shards and merges them back into the original order.
-Images that cannot be decoded are skipped (with a warning) in both paths.
+:class:`GallerySource` lists a gallery once and reads it in row ranges: the resumable, sharded build
+(:mod:`.build`, :mod:`.shards`) embeds it shard by shard, in one process or in every process of an ``accelerate
+launch``, without any process holding the whole gallery. Images that cannot be decoded are skipped (with a warning).
 """
 
 from __future__ import annotations
 
-import inspect
-import json
+import hashlib
 import logging
 import os
-import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
 
 from ..data.image_loading import list_image_files
 from ..inference.embedding import embed_images, embeddings_and_reranker_tokens, model_reference, pooler_output
 from ..inference.loading import load_embedder
 from ..inference.reranker_loading import find_reranker, no_reranker_message, reranker_config
-from ..utils.atomic_files import write_atomic
 from .head_tokens import HeadTokens
 
 logger = logging.getLogger(__name__)
@@ -41,13 +37,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ImageRecords:
-    """What to embed (``sources``: paths or a dataset) and, per row, its id, label and path."""
+    """What to embed (``sources``: paths or a dataset) and, per row, its id, label, path and metadata columns."""
 
     sources: Any
     ids: list[str]
     labels: list[str | None] | None
     paths: list[str | None] | None
     image_column: str = "image"
+    metadata: dict[str, list[Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -59,27 +56,8 @@ class ImageRecords:
         return [self.sources[i] for i in rows.tolist()]
 
 
-def folder_records(folder: str | os.PathLike) -> ImageRecords:
-    """Every image file under ``folder`` (sorted by relative path); labels from one-class-per-sub-folder layout."""
-    root = Path(folder)
-    files = list_image_files(root)
-    if not files:
-        raise ValueError(f"images folder {str(root)!r} holds no image files.")
-    relative = [f.relative_to(root).as_posix() for f in files]
-    in_subfolders = all("/" in r for r in relative)
-    labels = [r.split("/", 1)[0] for r in relative] if in_subfolders else None
-    if not in_subfolders:
-        logger.info("Some images lie directly in %s: no labels taken from sub-folder names.", root)
-    return ImageRecords([str(f) for f in files], relative, labels, [str(f) for f in files])
-
-
-def dataset_records(
-    dataset: Any, image_column: str = "image", label_column: str | None = "label", id_column: str | None = None
-) -> ImageRecords:
-    """Rows of a ``datasets.Dataset``: ids from ``id_column`` (else the row number), labels (ClassLabel names or
-    str values) from ``label_column`` when the dataset has it, paths from the image records where stored."""
-    from datasets import ClassLabel, Dataset, DatasetDict
-    from datasets import Image as ImageFeature
+def _check_dataset(dataset: Any, image_column: str, id_column: str | None, metadata_columns: Sequence[str]) -> None:
+    from datasets import Dataset, DatasetDict
 
     if isinstance(dataset, DatasetDict):
         raise ValueError(f"pass one split of the DatasetDict (splits: {list(dataset)}), e.g. dataset['test'].")
@@ -89,17 +67,43 @@ def dataset_records(
     for name, column in (("image_column", image_column), ("id_column", id_column)):
         if column is not None and column not in columns:
             raise ValueError(f"{name}={column!r} is not a column of the dataset; its columns: {columns}.")
+    unknown = [c for c in metadata_columns if c not in columns]
+    if unknown:
+        raise ValueError(f"metadata_columns {unknown} are not columns of the dataset; its columns: {columns}.")
+    if image_column in metadata_columns:
+        raise ValueError(f"metadata_columns: {image_column!r} is the image column; name other columns to keep.")
     if len(dataset) == 0:
         raise ValueError("the dataset has no rows.")
-    ids = [str(v) for v in dataset[id_column]] if id_column else [str(i) for i in range(len(dataset))]
+
+
+def _column_values(dataset: Any, column: str) -> list[Any]:
+    """A column's values; a ``ClassLabel`` column's as class names (str), other labels as str."""
+    from datasets import ClassLabel
+
+    feature, values = dataset.features[column], list(dataset[column])
+    return feature.int2str(values) if isinstance(feature, ClassLabel) else values
+
+
+def dataset_records(
+    dataset: Any,
+    image_column: str = "image",
+    label_column: str | None = "label",
+    id_column: str | None = None,
+    metadata_columns: Sequence[str] = (),
+    offset: int = 0,
+) -> ImageRecords:
+    """Rows of a ``datasets.Dataset``: ids from ``id_column`` (else the row number, counted from ``offset``: the
+    position of this part in the whole gallery), labels (ClassLabel names or str values) from ``label_column`` when
+    the dataset has it, paths from the image records where stored, and the ``metadata_columns`` values."""
+    from datasets import Image as ImageFeature
+
+    _check_dataset(dataset, image_column, id_column, metadata_columns)
+    columns = dataset.column_names
+    count = len(dataset)
+    ids = [str(v) for v in dataset[id_column]] if id_column else [str(offset + i) for i in range(count)]
     labels = None
     if label_column is not None and label_column in columns:
-        feature, values = dataset.features[label_column], list(dataset[label_column])
-        labels = (
-            feature.int2str(values)
-            if isinstance(feature, ClassLabel)
-            else [None if v is None else str(v) for v in values]
-        )
+        labels = [None if v is None else str(v) for v in _column_values(dataset, label_column)]
     paths = None
     if getattr(dataset.features[image_column], "dtype", None) == "string":  # a column of file paths
         paths = list(dataset[image_column])
@@ -108,18 +112,89 @@ def dataset_records(
         paths = []
         for table in raw.with_format("arrow").iter(batch_size=1024):
             paths += table.column(image_column).combine_chunks().field("path").to_pylist()
-    return ImageRecords(dataset, ids, labels, paths, image_column)
+    metadata = {column: _column_values(dataset, column) for column in metadata_columns} or None
+    return ImageRecords(dataset, ids, labels, paths, image_column, metadata)
+
+
+class GallerySource:
+    """A gallery (an image folder or a ``datasets.Dataset``) listed once and read in row ranges: what the sharded
+    build embeds shard by shard. A dataset's ids, labels, paths and metadata are read per range, never all at once;
+    a folder's file list is held (listing the folder is how its order is known)."""
+
+    def __init__(
+        self,
+        images: Any,
+        image_column: str = "image",
+        label_column: str | None = "label",
+        id_column: str | None = None,
+        metadata_columns: Sequence[str] | None = None,
+    ) -> None:
+        self.image_column, self.label_column, self.id_column = image_column, label_column, id_column
+        self.metadata_columns = tuple(metadata_columns or ())
+        self.dataset = None
+        if isinstance(images, (str, os.PathLike)):
+            if self.metadata_columns:
+                raise ValueError(
+                    f"--metadata_columns {list(self.metadata_columns)} needs a dataset gallery: an image folder has "
+                    "no columns (its labels are the sub-folder names)."
+                )
+            self.root = Path(images)
+            self.files = list_image_files(self.root)
+            if not self.files:
+                raise ValueError(f"images folder {str(self.root)!r} holds no image files.")
+            self.relative = [f.relative_to(self.root).as_posix() for f in self.files]
+            self.in_subfolders = all("/" in r for r in self.relative)
+            if not self.in_subfolders:
+                logger.info("Some images lie directly in %s: no labels taken from sub-folder names.", self.root)
+        else:
+            _check_dataset(images, image_column, id_column, self.metadata_columns)
+            self.dataset = images
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.dataset is not None else len(self.files)
+
+    def fingerprint(self) -> str:
+        """Changes when the gallery does: a folder's relative paths, sizes and modification times; a dataset's
+        ``datasets`` fingerprint (which follows its files and every transform applied) and length."""
+        if self.dataset is not None:
+            fingerprint = getattr(self.dataset, "_fingerprint", None) or "unknown"
+            return f"dataset:{fingerprint}:{len(self.dataset)}:{','.join(self.dataset.column_names)}"
+        digest = hashlib.sha256()
+        for file, relative in zip(self.files, self.relative):
+            stat = file.stat()
+            digest.update(f"{relative}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        return f"folder:{digest.hexdigest()}"
+
+    def records(self, start: int = 0, stop: int | None = None) -> ImageRecords:
+        """The records of rows ``[start, stop)`` of the gallery."""
+        stop = len(self) if stop is None else stop
+        if self.dataset is not None:
+            part = self.dataset.select(range(start, stop))
+            return dataset_records(
+                part, self.image_column, self.label_column, self.id_column, self.metadata_columns, offset=start
+            )
+        files = [str(f) for f in self.files[start:stop]]
+        relative = self.relative[start:stop]
+        labels = [r.split("/", 1)[0] for r in relative] if self.in_subfolders else None
+        return ImageRecords(files, relative, labels, list(files))
+
+
+def folder_records(folder: str | os.PathLike) -> ImageRecords:
+    """Every image file under ``folder`` (sorted by relative path); labels from one-class-per-sub-folder layout."""
+    return GallerySource(folder).records()
 
 
 def as_records(
-    images: Any, image_column: str = "image", label_column: str | None = "label", id_column: str | None = None
+    images: Any,
+    image_column: str = "image",
+    label_column: str | None = "label",
+    id_column: str | None = None,
+    metadata_columns: Sequence[str] | None = None,
 ) -> ImageRecords:
-    """:func:`folder_records` for a folder path, :func:`dataset_records` for a dataset."""
+    """The records of the whole gallery ``images`` (a folder path or a dataset); see :class:`GallerySource`."""
     if isinstance(images, ImageRecords):
         return images
-    if isinstance(images, (str, os.PathLike)):
-        return folder_records(images)
-    return dataset_records(images, image_column, label_column, id_column)
+    return GallerySource(images, image_column, label_column, id_column, metadata_columns).records()
 
 
 # Keyword arguments of the embedding step; every other keyword of ``EmbeddingIndex.from_folder`` goes to the index.
@@ -134,6 +209,7 @@ EMBED_OPTIONS = frozenset(
         "image_column",
         "label_column",
         "id_column",
+        "metadata_columns",
         "head_tokens",
     }
 )
@@ -171,6 +247,7 @@ class Gallery:
         ids, labels, paths: per row (``labels``/``paths`` may be None as a whole).
         model: the reference of the model that embedded them (``embedding.model_reference``).
         head_tokens: each row's head tokens (float16), for re-ranking, when the model has a re-ranker.
+        metadata: other per-row columns kept from a dataset (``metadata_columns``), or None.
     """
 
     embeddings: np.ndarray
@@ -179,6 +256,7 @@ class Gallery:
     paths: list[str | None] | None
     model: dict[str, Any]
     head_tokens: HeadTokens | None = None
+    metadata: dict[str, list[Any]] | None = None
 
     @classmethod
     def from_rows(
@@ -187,6 +265,7 @@ class Gallery:
         """The gallery of the embedded ``rows`` of ``records`` (unreadable rows are absent); ``tokens``:
         ``(token_stage, N×T×C array)`` of the same rows, or None."""
         pick = rows.tolist()
+        metadata = {name: [values[i] for i in pick] for name, values in (records.metadata or {}).items()}
         return cls(
             embeddings,
             [records.ids[i] for i in pick],
@@ -194,6 +273,7 @@ class Gallery:
             [records.paths[i] for i in pick] if records.paths is not None else None,
             model,
             HeadTokens.from_array(tokens[1], tokens[0], len(pick)) if tokens is not None else None,
+            metadata or None,
         )
 
 
@@ -215,6 +295,7 @@ def embed_gallery(
     image_column: str = "image",
     label_column: str | None = "label",
     id_column: str | None = None,
+    metadata_columns: Sequence[str] | None = None,
     backend: str = "torch",
     head_tokens: bool | None = None,
 ) -> Gallery:
@@ -224,7 +305,7 @@ def embed_gallery(
     :func:`tokens_to_store` for ``head_tokens``)."""
     store = tokens_to_store(model, head_tokens, backend)
     embedder, processor = load_embedder(model, image_processor, backend=backend)
-    records = as_records(images, image_column, label_column, id_column)
+    records = as_records(images, image_column, label_column, id_column, metadata_columns)
     result = embed_images(
         embedder, processor, records.sources, batch_size, device, progress,
         image_column=records.image_column, num_workers=num_workers,
@@ -232,91 +313,3 @@ def embed_gallery(
     )  # fmt: skip
     tokens = (store[0], result.extras["tokens"]) if store else None
     return Gallery.from_rows(records, result.embeddings, result.kept, model_reference(embedder), tokens)
-
-
-def _save_shard(
-    directory: Path, rank: int, embeddings: np.ndarray, rows: np.ndarray, skipped: list[str], tokens: Any = None
-) -> None:
-    """Write one process's shard atomically (the JSON last: it marks the shard complete)."""
-    tensors = {"embeddings": np.ascontiguousarray(embeddings, dtype=np.float32), "rows": rows.astype(np.int64)}
-    if tokens is not None:
-        tensors["tokens"] = np.ascontiguousarray(tokens, dtype=np.float16)
-    write_atomic(directory / f"shard-{rank:05d}.safetensors", lambda path: save_file(tensors, str(path)))
-    write_atomic(
-        directory / f"shard-{rank:05d}.json", json.dumps({"rank": rank, "count": len(rows), "skipped": skipped})
-    )
-
-
-def _merge_shards(directory: Path, world: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Concatenate all shards and restore the original row order (and the head tokens', when stored)."""
-    embeddings, rows, tokens = [], [], []
-    for rank in range(world):
-        shard = directory / f"shard-{rank:05d}.safetensors"
-        if not shard.is_file() or not (directory / f"shard-{rank:05d}.json").is_file():
-            raise RuntimeError(f"shard of process {rank} is missing ({shard}): that process did not finish.")
-        tensors = load_file(str(shard))
-        embeddings.append(tensors["embeddings"])
-        rows.append(tensors["rows"])
-        if "tokens" in tensors and tensors["tokens"].size:
-            tokens.append(tensors["tokens"])
-    all_rows = np.concatenate(rows)
-    nonempty = [e for e in embeddings if e.size]
-    if not nonempty:
-        raise ValueError("no image could be decoded in any process.")
-    dim = nonempty[0].shape[1]
-    stacked = np.concatenate([e.reshape(-1, dim) for e in embeddings])
-    order = np.argsort(all_rows, kind="stable")
-    return stacked[order], all_rows[order], np.concatenate(tokens)[order] if tokens else None
-
-
-def embed_gallery_distributed(
-    model: Any,
-    images: Any,
-    shards: Path,
-    accelerator: Any,
-    **options: Any,
-) -> tuple[Gallery | None, int]:
-    """Embed ``images`` with every process of ``accelerator``; return ``(gallery, item count)`` on the main
-    process and ``(None, item count)`` on the others. ``options`` are :func:`embed_gallery`'s (``batch_size``,
-    ``progress``, ``num_workers``, ``image_column``, ``label_column``, ``id_column``, ``backend``,
-    ``head_tokens``), with the same defaults; the device is the accelerator's.
-
-    Each process embeds every ``num_processes``-th row starting at its ``process_index`` and writes its shard to
-    ``shards`` (a folder every process sees); the main process merges them in the original order and removes
-    ``shards``. All processes return after the merge.
-    """
-    refused = {"device", "image_processor"}.intersection(options)
-    if refused:
-        raise TypeError(f"embed_gallery_distributed() got unexpected keyword argument(s) {sorted(refused)}")
-    bound = inspect.signature(embed_gallery).bind(model, images, **options)  # embed_gallery's checks and defaults
-    bound.apply_defaults()
-    o = bound.arguments
-    rank, world = accelerator.process_index, accelerator.num_processes
-    records = as_records(images, o["image_column"], o["label_column"], o["id_column"])  # same order everywhere
-    store = tokens_to_store(model, o["head_tokens"], o["backend"])
-    embedder, processor = load_embedder(model, backend=o["backend"])
-    if accelerator.is_main_process:
-        shutil.rmtree(shards, ignore_errors=True)
-        shards.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    mine = np.arange(rank, len(records), world, dtype=np.int64)
-    if len(mine):
-        result = embed_images(
-            embedder, processor, records.subset(mine), o["batch_size"], accelerator.device,
-            o["progress"] and accelerator.is_main_process, image_column=records.image_column,
-            num_workers=o["num_workers"], allow_empty=True, desc=f"Embedding images (process {rank}/{world})",
-            forward=embeddings_and_reranker_tokens(store[0]) if store else pooler_output,
-        )  # fmt: skip
-        tokens = result.extras.get("tokens") if store else None
-        _save_shard(shards, rank, result.embeddings, mine[result.kept], result.skipped.files, tokens)
-    else:
-        _save_shard(shards, rank, np.zeros((0, 0), np.float32), mine, [])
-    accelerator.wait_for_everyone()
-    gallery = None
-    if accelerator.is_main_process:
-        embeddings, rows, tokens = _merge_shards(shards, world)
-        stored = (store[0], tokens) if store and tokens is not None else None
-        gallery = Gallery.from_rows(records, embeddings, rows, model_reference(embedder), stored)
-        shutil.rmtree(shards, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return gallery, len(records)
