@@ -34,8 +34,9 @@ def check_index_for_model(index: Any, reference: Mapping[str, Any], dim: int | N
     built_with = getattr(index, "model", None) or {}
     if dim is not None and index.dim != dim:
         raise ValueError(
-            f"the index holds {index.dim}-dimensional embeddings of {describe_model(built_with)}, but the query model "
-            f"{describe_model(reference)} makes {dim}-dimensional ones: use the index built with this model."
+            f"the index holds {index.dim}-dimensional embeddings but the model makes {dim}-dimensional ones (the "
+            f"index's model: {describe_model(built_with)}; the query's: {describe_model(reference)}): use the index "
+            "built with this model."
         )
     if not same_model(built_with, reference):
         raise ValueError(

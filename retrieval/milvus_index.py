@@ -82,7 +82,7 @@ def _normalised(array: Any, dim: int, name: str) -> np.ndarray:
     return matrix / norms
 
 
-def _column_type(values: Sequence[Any], name: str) -> str:
+def column_type(values: Sequence[Any], name: str) -> str:
     """The Milvus type of a metadata column, from its values: VARCHAR, INT64, DOUBLE or BOOL."""
     present = [value for value in values if value is not None]
     if all(isinstance(value, (bool, np.bool_)) for value in present) and present:
@@ -204,7 +204,7 @@ class MilvusIndex:
         return cls(uri, collection, token=token, _client=client)
 
     def _check_fits(self, dim: int, model: Mapping[str, Any] | None, head_tokens: Mapping[str, Any] | None) -> None:
-        self._check_model(model, "the gallery to add")
+        self._check_model(model, "the gallery to add comes")
         if int(dim) != self.dim:
             raise ValueError(
                 f"Milvus collection {self.collection!r} holds {self.dim}-dimensional embeddings, the model makes "
@@ -220,7 +220,7 @@ class MilvusIndex:
     def _check_model(self, model: Mapping[str, Any] | None, what: str) -> None:
         if not same_model(self.model, model):
             raise ValueError(
-                f"Milvus collection {self.collection!r} was built with {describe_model(self.model)}, but {what} comes "
+                f"Milvus collection {self.collection!r} was built with {describe_model(self.model)}, but {what} "
                 f"from {describe_model(model)}: use that model, or build another collection with this one."
             )
 
@@ -289,7 +289,7 @@ class MilvusIndex:
     ) -> None:
         """Upsert items by id (an existing id is replaced); ``head_tokens``: N×T×C, required when the collection
         stores tokens; ``model``: the embedding model's reference, refused when it is not the collection's."""
-        self._check_model(model, "the items to add")
+        self._check_model(model, "the items to add come")
         vectors = _normalised(embeddings, self.dim, "embeddings")
         count = len(vectors)
         keys = [str(value) for value in ids]

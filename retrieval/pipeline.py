@@ -16,6 +16,10 @@ index folder, or a Hub repo id), ``top_k``, ``ef_search`` and ``nprobe`` are pos
 ``timeout`` (for image URLs) a preprocess one. Without ``index=``, the pipeline looks for an index in the model's
 own folder or repo under ``index/`` (see ``EmbeddingIndex.push_to_hub(repo_id, path_in_repo="index")``).
 
+``index`` may be either engine's index (:mod:`.protocol`: a folder's ``EmbeddingIndex`` or a ``MilvusIndex``);
+:func:`retrieval_pipeline` makes the pipeline of a ``LoadedModel`` (embedder, processor and re-ranker loaded once).
+An index built by another model is refused, naming both.
+
 ``rerank_top_k`` (an integer >= 2) re-scores each query's K nearest with the model's re-ranker
 (:mod:`.reranking`: items past K keep the embedding's order); the re-ranker is the model's own ``reranker/``
 (folder or repo), or one passed as ``reranker=``. The query's single backbone pass then also gives the head's
@@ -59,14 +63,32 @@ from crossmetric.retrieval.pipeline import ImageRetrievalPipeline  # noqa: F401
 
 
 def _resolve_index(index: Any) -> Any:
-    """An ``EmbeddingIndex`` from an index object, a folder or a Hub repo id."""
+    """An index from an index object of either engine (:class:`~.protocol.GalleryIndex`: ``EmbeddingIndex``,
+    ``MilvusIndex``), a folder or a Hub repo id."""
     from .index import EmbeddingIndex
+    from .protocol import GalleryIndex
 
-    if isinstance(index, EmbeddingIndex):
-        return index
     if isinstance(index, (str, os.PathLike)):
         return EmbeddingIndex.from_pretrained(index)
-    raise TypeError(f"index must be an EmbeddingIndex, a saved index folder or a Hub repo id, got {type(index)}.")
+    if isinstance(index, (EmbeddingIndex, GalleryIndex)):
+        return index
+    raise TypeError(
+        f"index must be an EmbeddingIndex, a MilvusIndex, a saved index folder or a Hub repo id, got {type(index)}."
+    )
+
+
+def retrieval_pipeline(loaded: Any, index: Any = None, **kwargs: Any) -> ImageRetrievalPipeline:
+    """The ``image-retrieval`` pipeline of a :class:`~crossmetric.inference.loaded_model.LoadedModel` (its embedder,
+    processor and, when loaded, re-ranker: nothing is loaded again) over ``index`` (either engine, a folder or a Hub
+    id; None: the model's own ``index/``); ``kwargs``: the pipeline's keywords (``top_k``, ``rerank_top_k``, ...)."""
+    if loaded.reranker is not None and kwargs.get("rerank_top_k") is not None:
+        kwargs.setdefault("reranker", loaded.reranker)
+    if index is not None:
+        kwargs["index"] = index
+    device = getattr(loaded.embedder, "device", None)
+    return ImageRetrievalPipeline(
+        model=loaded.embedder, image_processor=loaded.processor, device=device, task=TASK, **kwargs
+    )
 
 
 class ImageRetrievalPipeline(Pipeline):
@@ -118,22 +140,13 @@ class ImageRetrievalPipeline(Pipeline):
         )
 
     def _check_index(self, index: Any) -> Any:
-        """Refuse an index of another embedding size; warn when it was built by a different model."""
+        """Refuse an index of another embedding size, or built by another model (naming both)."""
         from ..inference.embedding import model_reference
+        from .compatibility import check_index_for_model
 
-        dim = getattr(self.model.config, "embedding_dim", None)
-        if dim is not None and dim != index.dim:
-            raise ValueError(
-                f"the index holds {index.dim}-dimensional embeddings but the model makes {dim}-dimensional ones: "
-                "use the index built with this model."
-            )
-        built_with = index.model.get("fingerprint")
-        if built_with and built_with != model_reference(self.model).get("fingerprint"):
-            logger.warning(
-                "The index was built with a different model (%s) than this pipeline's (%s): scores may be meaningless.",
-                index.model.get("name_or_path") or "unknown",
-                getattr(self.model, "name_or_path", "") or "unnamed",
-            )
+        if getattr(self, "_reference", None) is None:
+            self._reference = model_reference(self.model)  # the weight fingerprint, computed once per pipeline
+        check_index_for_model(index, self._reference, getattr(self.model.config, "embedding_dim", None))
         return index
 
     def _reranker_for(self, reranker: Any) -> Any:
