@@ -137,7 +137,7 @@ def _write_content(
         if segment.folder != folder or segment.name is None:
             name = f"{index.next_segment:06d}"
             index.next_segment += 1
-            segment.files = segment.write(folder, name)
+            segment.files = segment.write(folder, name, index.trained)
             segment.name, segment.folder = name, folder
     rows = sum(s.rows for s in segments)
     bits = np.zeros((rows + 7) // 8, np.uint8)

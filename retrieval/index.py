@@ -37,7 +37,7 @@ import numpy as np
 from . import folder as folders
 from .columns import BASE_COLUMNS, item_table
 from .head_tokens import HeadTokens
-from .kinds import DEFAULT_EF_CONSTRUCTION, DEFAULT_HNSW_M, DEFAULT_TARGET_RECALL, default_nlist
+from .kinds import DEFAULT_EF_CONSTRUCTION, DEFAULT_HNSW_M, DEFAULT_TARGET_RECALL, default_nlist, initial_params
 from .queries import IndexQueries
 from .storage import KINDS
 
@@ -111,17 +111,8 @@ class EmbeddingIndex(IndexQueries):
         count, dim = vectors.shape
         table = item_table(ids, labels, paths, metadata, count)
         tokens = HeadTokens.rows_checked(head_tokens, count)
-        if kind in ("ivf",):
-            nlist = default_nlist(count) if nlist is None else int(nlist)
-            if not 1 <= nlist <= count:
-                raise ValueError(f"nlist={nlist} must be between 1 and the number of embeddings ({count}).")
-        params: dict[str, Any] = {}
-        if kind == "hnsw":
-            params = {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
-        elif kind == "ivf":
-            params = {"nlist": nlist, "nprobe": nprobe}
-        elif kind == "ivfpq":
-            params = {"nlist": nlist, "nprobe": nprobe, "max_memory": max_memory, "refine": refine}
+        params = initial_params(kind, count, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
+                                nlist=nlist, nprobe=nprobe, max_memory=max_memory, refine=refine)  # fmt: skip
         token_info = None if tokens is None else (list(tokens.tokens.shape[1:]), tokens.token_stage)
         self._setup(kind, dim, params, dict(calibration) if calibration else None, dict(model or {}), token_info)
         segment, found = folders.build_segment(self, 0, table, vectors, tokens, target_recall)
@@ -190,6 +181,18 @@ class EmbeddingIndex(IndexQueries):
         columns = {"image_column": image_column, "label_column": label_column, "id_column": id_column}
         embed_options, index_options = split_options(kwargs | columns)
         return cls.from_gallery(embed_gallery(model, dataset, **embed_options), kind, **index_options)
+
+    @classmethod
+    def from_shards(
+        cls, directory: str | os.PathLike, shards: Any, *, kind: str = "exact", **options: Any
+    ) -> EmbeddingIndex:
+        """Build the folder ``directory`` from ``shards`` (mappings with ``embeddings``, ``ids`` and optionally
+        ``labels``, ``paths``, ``metadata``, ``head_tokens``) chunk by chunk, without gathering them in RAM
+        (:class:`~.builder.IndexBuilder`); ``options``: ``model``, ``token_stage``, ``progress`` and the constructor's
+        index settings. Returns the index, loaded from the folder."""
+        from .builder import from_shards
+
+        return from_shards(cls, directory, shards, kind=kind, **options)
 
     def __repr__(self) -> str:
         return f"EmbeddingIndex(kind={self.kind!r}, count={len(self)}, dim={self.dim}, params={self.params})"

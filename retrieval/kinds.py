@@ -38,6 +38,31 @@ def default_nlist(count: int) -> int:
     return max(1, min(round(math.sqrt(count)), count // 39))
 
 
+def initial_params(
+    kind: str,
+    count: int,
+    *,
+    hnsw_m: int = DEFAULT_HNSW_M,
+    ef_construction: int = DEFAULT_EF_CONSTRUCTION,
+    ef_search: int | None = None,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    max_memory: int | str | None = None,
+    refine: int | None = None,
+) -> dict[str, Any]:
+    """The ``params`` of a new index of ``kind`` over ``count`` items (None settings are chosen at build time)."""
+    if kind == "hnsw":
+        return {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
+    if kind == "ivf":
+        nlist = default_nlist(count) if nlist is None else int(nlist)
+        if not 1 <= nlist <= count:
+            raise ValueError(f"nlist={nlist} must be between 1 and the number of embeddings ({count}).")
+        return {"nlist": nlist, "nprobe": nprobe}
+    if kind == "ivfpq":
+        return {"nlist": nlist, "nprobe": nprobe, "max_memory": max_memory, "refine": refine}
+    return {}
+
+
 def uses_global_ids(kind: str) -> bool:
     """Whether the kind's faiss ids are global row numbers (else: positions within the segment)."""
     return kind != "exact"
@@ -71,7 +96,7 @@ def build(
         if quantizer is None:
             nlist = params["nlist"]
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+            index.train(_training_sample(vectors, nlist * 256))  # faiss' k-means samples 256 points per list too
         else:
             index = faiss.IndexIVFFlat(faiss.clone_index(quantizer), dim, quantizer.ntotal, faiss.METRIC_INNER_PRODUCT)
     else:
@@ -89,6 +114,14 @@ def build(
     params[param] = result.value
     logger.info("Calibrated %s=%d (held-out recall@%d %.3f).", param, result.value, result.k, result.recall)
     return index, result.to_dict()
+
+
+def _training_sample(vectors: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """All of ``vectors`` when there are at most ``size``, else a random sample of ``size`` rows (in row order)."""
+    if len(vectors) <= size:
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size=size, replace=False))
+    return np.ascontiguousarray(vectors[rows], dtype=np.float32)
 
 
 def apply_search_params(index: Any, kind: str, params: dict[str, Any]) -> None:
@@ -118,22 +151,21 @@ def search_parameters(kind: str, params: dict[str, Any], overrides: dict[str, An
     return faiss.SearchParameters(sel=selector) if selector is not None else None
 
 
-def write_ivf_ondisk(index: Any, folder: Path, stem: str) -> None:
-    """Write an in-memory ``IndexIVFFlat`` as ``stem.faiss`` + ``stem.ivfdata`` (its lists, opened in place on load).
+def write_ivf_ondisk(index: Any, trained: Any, folder: Path, stem: str) -> None:
+    """Write an in-memory IVF index as ``stem.faiss`` + ``stem.ivfdata`` (its lists, opened in place on load).
 
     As faiss' ``contrib.ondisk.merge_ondisk``, without going through a file: the lists are copied into
-    ``OnDiskInvertedLists`` of an empty index over the same (cloned) quantizer.
+    ``OnDiskInvertedLists`` of a copy of ``trained`` (the same index, trained and empty).
     """
-    quantizer = faiss.clone_index(index.quantizer)
-    target = faiss.IndexIVFFlat(quantizer, index.d, index.nlist, index.metric_type)
-    target.own_fields = True
-    quantizer.this.disown()
-    target.nprobe = index.nprobe
-    invlists = faiss.OnDiskInvertedLists(target.nlist, target.code_size, str(folder / f"{stem}.ivfdata"))
+    target = faiss.clone_index(trained)
+    target_ivf = faiss.extract_index_ivf(target)
+    source_ivf = faiss.extract_index_ivf(index)
+    target_ivf.nprobe = source_ivf.nprobe
+    invlists = faiss.OnDiskInvertedLists(target_ivf.nlist, target_ivf.code_size, str(folder / f"{stem}.ivfdata"))
     sources = faiss.InvertedListsPtrVector()
-    sources.push_back(index.invlists)
-    target.ntotal = invlists.merge_from_multiple(sources.data(), sources.size(), False)
-    target.replace_invlists(invlists, True)
+    sources.push_back(source_ivf.invlists)
+    target.ntotal = target_ivf.ntotal = invlists.merge_from_multiple(sources.data(), sources.size(), False)
+    target_ivf.replace_invlists(invlists, True)
     invlists.this.disown()
     faiss.write_index(target, str(folder / f"{stem}.faiss"))
 

@@ -86,8 +86,9 @@ class Segment:
         return {"name": self.name, "rows": self.rows, "files": list(self.files)}
 
     # -- writing and opening -------------------------------------------------------------------------------------
-    def write(self, folder: Path, name: str) -> list[str]:
-        """Write the segment's files into ``folder`` as segment ``name`` (copied where it is already on disk)."""
+    def write(self, folder: Path, name: str, trained: Any = None) -> list[str]:
+        """Write the segment's files into ``folder`` as segment ``name`` (copied where it is already on disk);
+        ``trained``: the IVF kinds' trained, empty index (the on-disk lists are written into a copy of it)."""
         names = {key: pattern.format(name) for key, pattern in SEGMENT_FILES.items()}
         files = [names["items"], names["index"], names["idhash"]]
         if self.kind != "exact":
@@ -105,7 +106,7 @@ class Segment:
         write_table(self.table, folder / names["items"])
         np.save(folder / names["idhash"], np.ascontiguousarray(self.lookup))
         if self.kind in ("ivf", "ivfpq"):
-            write_ivf_ondisk(self.index, folder, Path(names["index"]).stem)
+            write_ivf_ondisk(self.index, trained, folder, Path(names["index"]).stem)
         else:
             faiss.write_index(self.index, str(folder / names["index"]))
         if self.kind != "exact":
