@@ -44,8 +44,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_step(fields: dict[str, Any], pixels: torch.Tensor, labels: torch.Tensor):
-    config = TrainingConfig(image_size=64, embedding_dim=128, **fields)
+def make_step(fields: dict[str, Any], pixels: torch.Tensor, labels: torch.Tensor, image_size: int = 64):
+    config = TrainingConfig(image_size=image_size, embedding_dim=128, **fields)
     model = CrossMetricForMetricLearning(config.model_config())
     load_pretrained_backbone(model, "pypi:efficientnet-lite0")
     model = model.train().to(memory_format=torch.channels_last)
