@@ -191,9 +191,10 @@ def run_index_build(ns: argparse.Namespace) -> int:
         return report_error("index build", error)
     if index is not None:
         print(f"{index} saved to {ns.output_dir}")
-        tokens = getattr(index, "head_tokens", None)
+        tokens = index.head_tokens_info()
         if tokens is not None:  # the model has a re-ranker: search --rerank_top_k can use them
-            print(f"stored for re-ranking: {tokens.describe()}")
+            shape = "×".join(map(str, tokens["shape"]))
+            print(f"stored for re-ranking: head tokens {shape} float16 ({tokens['bytes_per_item']} bytes per item)")
     return 0
 
 

@@ -205,9 +205,12 @@ def run_index_duplicates(ns: argparse.Namespace) -> int:
         index = _load(ns.index)
     except (ValueError, FileNotFoundError) as error:
         return report_error("index duplicates", error)
-    groups = index.near_duplicates(ns.threshold)
-    lines = "".join(json.dumps(group, ensure_ascii=False) + "\n" for group in groups)
-    items = sum(len(group["ids"]) for group in groups)
+    groups = index.near_duplicates(ns.threshold, progress=ns.progress)
+    lines = "".join(
+        json.dumps({"size": len(ids), "ids": ids, "items": index.records(ids)}, ensure_ascii=False, default=str) + "\n"
+        for ids in groups
+    )  # one line per group: its ids, and each item's id, label, path and metadata
+    items = sum(len(ids) for ids in groups)
     if ns.output is None:
         sys.stdout.write(lines)
     else:
