@@ -88,8 +88,8 @@ class IndexQueries:
         overrides = {"ef_search": ef_search, "nprobe": nprobe}
         wanted = check_filter(filter)
         if wanted is None and self.removed_count == 0:
-            results = [s.search(queries, k, search_parameters(self.kind, self.params, overrides, None))
-                       for s in self.segments if s.rows]  # fmt: skip
+            params = search_parameters(self.kind, self.params, overrides, None)
+            results = [s.search(queries, k, params, self.params.get("refine")) for s in self.segments if s.rows]
             if len(results) == 1:
                 return results[0]
             return merge_top_k([r[0] for r in results], [r[1] for r in results], k)
@@ -105,7 +105,7 @@ class IndexQueries:
         for segment, selector in zip(self.segments, selectors):
             if segment.rows and selector is not None:
                 params = search_parameters(self.kind, self.params, overrides, selector.faiss)
-                results.append(segment.search(queries, k, params))
+                results.append(segment.search(queries, k, params, self.params.get("refine")))
         scores, rows = merge_top_k([r[0] for r in results], [r[1] for r in results], k)
         short = short_queries(rows, k)
         if len(short):  # an approximate search that missed some passing rows: complete those queries exactly

@@ -138,9 +138,17 @@ class Segment:
         return cls(kind, start, table, index, vectors, tokens, lookup, name, list(entry.get("files", [])), folder)
 
     # -- search --------------------------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores, global rows)`` of the segment's ``k`` nearest per query (-1 where fewer were found)."""
+    def search(
+        self, queries: np.ndarray, k: int, params: Any, refine: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, global rows)`` of the segment's ``k`` nearest per query (-1 where fewer were found); ``ivfpq``
+        re-scores its ``k × refine`` best candidates exactly against the float16 embeddings."""
         k = min(k, self.rows)
+        if self.kind == "ivfpq":
+            from .ivfpq import search_refined
+
+            read = lambda rows: self.vectors[rows - self.start]  # noqa: E731 - the candidates' rows only
+            return search_refined(self.index, read, queries, k, refine=refine or 1, params=params)
         # faiss.contrib.torch_utils (imported by e.g. pytorch-metric-learning) replaces ``search`` with a wrapper that
         # drops ``params``; the numpy original stays reachable as ``search_numpy``.
         search = getattr(self.index, "search_numpy", self.index.search)
