@@ -1,6 +1,7 @@
 """``crossmetric search``: the gallery images nearest to query images, from a saved index.
 
     crossmetric search --model MODEL --index INDEX query.jpg [more.jpg ...] [--top_k 5] [--json] [--rerank_top_k 20]
+    crossmetric search --model MODEL --milvus gallery.db --collection NAME query.jpg  (a Milvus collection)
 
 ``--rerank_top_k K`` re-scores each query's K nearest with the model's re-ranker (``reranker/``) on the head tokens
 the index stores; items past K keep the embedding's order (``retrieval/reranking.py``). A model without a re-ranker,
@@ -16,8 +17,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..inference.loaded_model import LoadedModel
 from ..inference.loading import resolve_model
-from ..inference.reranker_loading import require_reranker
 from ..retrieval.reranking import check_rerank_top_k
 from .arguments import (
     add_backend_argument,
@@ -28,6 +29,7 @@ from .arguments import (
     report_error,
 )
 from .logging_setup import add_log_level_argument
+from .milvus_arguments import add_milvus_arguments, check_target, open_milvus_index
 
 DESCRIPTION = "Find the gallery images nearest to query images in a saved index."
 
@@ -49,6 +51,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     add_device_argument(parser)
     add_backend_argument(parser)
     add_progress_argument(parser)  # the bars of a model or index downloaded from the Hub
+    add_milvus_arguments(parser)  # --milvus URI --collection NAME instead of --index
     return add_log_level_argument(parser)
 
 
@@ -75,15 +78,19 @@ def run_search(ns: argparse.Namespace) -> int:
                 raise ValueError(
                     "--rerank_top_k needs --backend torch: the ONNX graph outputs the embedding, not the head's tokens."
                 )
-            require_reranker(ns.model, "--rerank_top_k")
         device = ns.device
         if device is None:
             import torch
 
             device = "cuda" if torch.cuda.is_available() and ns.backend == "torch" else "cpu"
+        index = open_milvus_index(ns) if check_target(ns, "--index", required=False) else ns.index
+        # resolved, checked for a re-ranker and loaded once (the re-ranker's refusal comes before any weight is read)
+        loaded = LoadedModel.load(
+            ns.model, backend=ns.backend, rerank=rerank_top_k is not None, device=device, resolved=(kind, model)
+        )
         results = search_images(
-            str(model),
-            ns.index,
+            loaded,
+            index,
             list(ns.images),
             ns.top_k,
             backend=ns.backend,
