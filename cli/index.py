@@ -39,6 +39,7 @@ from .arguments import (
     report_error,
 )
 from .logging_setup import add_log_level_argument
+from .milvus_arguments import add_milvus_arguments, run_if_milvus
 
 SUBCOMMANDS = ("build", "add", "remove", "compact", "info", "duplicates")
 DEFAULT_MAX_MEMORY = "2G"
@@ -92,6 +93,7 @@ def add_index_build_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--nprobe", type=int, default=None, help="IVF lists per query (default: calibrated)")
     parser.add_argument("--target_recall", type=float, default=0.95, help="recall@10 the calibration aims for")
     add_gallery_arguments(parser)
+    add_milvus_arguments(parser, instead_of="--output_dir", index_type=True)  # or into a Milvus collection
     return add_log_level_argument(parser)
 
 
@@ -154,6 +156,9 @@ def run_index_build(ns: argparse.Namespace) -> int:
     from ..retrieval.build import build_index_distributed, build_index_sharded
 
     apply_progress(ns.progress)
+    milvus = run_if_milvus(ns, "index build", "--output_dir")
+    if milvus is not None:
+        return milvus
     try:
         resolve_model(ns.model)
         if ns.batch_size < 1:

@@ -24,6 +24,7 @@ from typing import Any
 
 from .arguments import apply_progress, report_error
 from .logging_setup import add_log_level_argument
+from .milvus_arguments import add_milvus_arguments, run_if_milvus
 
 
 def _add_index_argument(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,7 @@ def add_index_add_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
         help="the model to embed with (default: the one the index records); another model than the index's is refused",
     )  # fmt: skip
     add_gallery_arguments(parser)
+    add_milvus_arguments(parser, instead_of="--index")
     return add_log_level_argument(parser)
 
 
@@ -56,6 +58,7 @@ def add_index_remove_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
     which.add_argument("--ids", nargs="+", metavar="ID", help="ids of the items to remove")
     which.add_argument("--ids_file", type=Path, help="a text file with one id per line (blank lines are skipped)")
     add_progress_argument(parser)
+    add_milvus_arguments(parser, instead_of="--index")
     return add_log_level_argument(parser)
 
 
@@ -75,6 +78,7 @@ def add_index_info_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     _add_index_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_progress_argument(parser)
+    add_milvus_arguments(parser, instead_of="--index")
     return add_log_level_argument(parser)
 
 
@@ -103,6 +107,9 @@ def _load(folder: Path) -> Any:
 
 def run_index_add(ns: argparse.Namespace) -> int:
     """Embed ``--images`` with the index's model and add them; print what was added."""
+    milvus = run_if_milvus(ns, "index add", "--index")
+    if milvus is not None:
+        return milvus
     from ..retrieval.build import embed_for_index
     from .index import load_images
 
@@ -147,6 +154,9 @@ def read_ids(ns: argparse.Namespace) -> list[str]:
 
 def run_index_remove(ns: argparse.Namespace) -> int:
     """Remove the ids; print how many were in the index."""
+    milvus = run_if_milvus(ns, "index remove", "--index")
+    if milvus is not None:
+        return milvus
     try:
         ids = read_ids(ns)
         index = _load(ns.index)
@@ -180,6 +190,9 @@ def describe(info: dict[str, Any]) -> str:
 
 def run_index_info(ns: argparse.Namespace) -> int:
     """Print the index's ``info()``: kind, count, removed rows awaiting compaction, bytes on disk, model, ..."""
+    milvus = run_if_milvus(ns, "index info", "--index")
+    if milvus is not None:
+        return milvus
     try:
         info = _load(ns.index).info()
     except (ValueError, FileNotFoundError) as error:

@@ -84,7 +84,8 @@ def check_target(ns: argparse.Namespace, folder: str, *, required: bool = True) 
 
 
 def check_uri(uri: str) -> str:
-    """``uri`` if it names a Milvus server or a Milvus Lite file (``*.db`` in an existing folder), else ValueError."""
+    """``uri`` if it names a Milvus server or a Milvus Lite database (``*.db`` in an existing folder; Milvus Lite 3
+    keeps it as a folder of that name), else ValueError."""
     if uri.startswith(SERVER_SCHEMES):
         return uri
     path = Path(uri).expanduser()
@@ -95,9 +96,24 @@ def check_uri(uri: str) -> str:
         )
     if not path.parent.is_dir():
         raise ValueError(f"--milvus {uri!r}: the folder {str(path.parent)!r} does not exist.")
-    if path.is_dir():
-        raise ValueError(f"--milvus {uri!r} is a folder: name the Milvus Lite file (e.g. {uri}/gallery.db).")
     return uri
+
+
+def run_if_milvus(ns: argparse.Namespace, command: str, folder: str) -> int | None:
+    """When ``--milvus`` is given, run ``command`` (``index build | add | remove | info``) against the collection and
+    return its exit code; else None (the command goes on with its ``folder`` option). Bad flags: exit code 2."""
+    try:
+        if not check_target(ns, folder):
+            return None
+        if command in ("index build", "index add"):
+            from .index import load_images
+
+            images = load_images(ns)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        return report_error(command, error)
+    if command in ("index build", "index add"):
+        return run_milvus_build(ns, images, must_exist=command == "index add", command=command)
+    return run_milvus_change(ns, command)
 
 
 def token(ns: argparse.Namespace) -> str | None:
@@ -121,6 +137,8 @@ def run_milvus_build(
 
     accelerator = None
     try:
+        if ns.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {ns.batch_size}.")
         model = getattr(ns, "model", None)
         if must_exist:
             existing = open_milvus_index(ns)
@@ -143,6 +161,7 @@ def run_milvus_build(
             index_type=getattr(ns, "milvus_index", "HNSW"), accelerator=accelerator, batch_size=ns.batch_size,
             device=device, progress=ns.progress, num_workers=ns.num_workers, image_column=ns.image_column,
             label_column=ns.label_column, id_column=ns.id_column, backend=ns.backend,
+            metadata_columns=getattr(ns, "metadata_columns", None),
         )  # fmt: skip
     except (ValueError, FileNotFoundError, ImportError) as error:
         return report_error(command, error)
