@@ -8,6 +8,8 @@ a test that reads the output kills the process with SIGKILL when the line appear
   (:func:`crossmetric.training.checkpointing.write_checkpoint`);
 - ``train_step``: an optimizer step is done (and its ``save_steps`` checkpoint written), the next batch not yet
   drawn (:meth:`crossmetric.training.trainer.CrossMetricTrainer._train_epoch`);
+- ``index_change``: an index change (add, remove, compact) has written its new files, not yet swapped the index's
+  manifest (:func:`crossmetric.retrieval.folder.change`);
 - ``embedding``: a batch of images is embedded (an evaluation split's, say: the metrics are not computed yet)
   (:func:`crossmetric.inference.embedding.embed_images`).
 
