@@ -120,6 +120,7 @@ class CrossMetricModelCardData:
     cia_query: str | None = None
     cia_detach: bool | None = None  # the head trained on detached features: its loss never reached the embedder
     transfer: str | None = None  # how the head's similarities taught the embedding, e.g. "listwise (top 16, T 0.1)"
+    transfer_stopped: str | None = None  # where the transfer's stop rule fired and why (training/transfer_gate.py)
     datasets: list[str] = field(default_factory=list)  # training datasets (Hub ids or names)
     license: str | None = None
     language: list[str] | None = None

@@ -41,6 +41,7 @@ def card_data_for_run(
         license=source.license if source is not None else "apache-2.0",
         hyperparameters=config.non_default_values(),
         transfer=_transfer(config),
+        transfer_stopped=_transfer_stopped(history),
     )
     last_loss = None
     for record in history:
@@ -93,6 +94,21 @@ def export_files(
     if metrics:
         files[METRICS_FILE] = json.dumps(metrics, indent=2)
     return files
+
+
+def _transfer_stopped(history: Sequence[dict[str, Any]]) -> str | None:
+    """Where the transfer stopped and why, in words, when its stop rule fired (``training/transfer_gate.py`` logs a
+    ``transfer_check`` record at each check; the words are those of its ``stop_reason``: this layer sits below)."""
+    record = next((r for r in history if r.get("transfer_check", {}).get("stopped")), None)
+    if record is None:
+        return None
+    check = record["transfer_check"]
+    return (
+        f"The transfer stopped at step {record['step']} (its weight was 0 from then on): the head re-ranked the "
+        f"validation split no better than the embedding (Recall@1 over each query's {check['candidates']} nearest: "
+        f"head alone {check['head_recall@1']:.4f}, embedding {check['embedding_recall@1']:.4f}), so it had nothing "
+        "to teach."
+    )
 
 
 def _transfer(config: Any) -> str | None:

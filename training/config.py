@@ -135,6 +135,16 @@ class TrainingConfig:
     cia_distill_warmup_steps: int = field(
         default=60, metadata={"help": "steps over which the transfer's weight rises from 0"}
     )
+    # issue 29 item 7 (training/transfer_gate.py): a head that ranks validation no better than the embedding has
+    # nothing to teach it; None: the recipe's choice (head_no_better for the fine-tuning recipe; never for the main
+    # job's, where the rule has not been run)
+    cia_distill_stop: str | None = field(
+        default=None,
+        metadata={
+            "help": "head_no_better: the transfer stops (weight 0 from then on) at the first validation evaluation "
+            "after its warm-up where the head alone re-ranks validation no better than the embedding; never"
+        },
+    )
     # loss
     loss: str = field(
         default="multi_similarity", metadata={"help": "base loss (see crossmetric.training.losses.registry)"}
@@ -239,6 +249,10 @@ class TrainingConfig:
             f"--cia_distill_level={self.cia_distill_level} must index one of the {self.cia_levels} levels (-1: last)",
         )
         need(self.cia_distill_warmup_steps >= 0, "--cia_distill_warmup_steps must be >= 0")
+        need(
+            self.cia_distill_stop in (None, "head_no_better", "never"),
+            f"--cia_distill_stop={self.cia_distill_stop!r} must be head_no_better or never",
+        )
         need(self.reranker_stage_steps >= 0, "--reranker_stage_steps must be >= 0")
         need(
             not (self.reranker_stage_steps and self.cia_distill_weight),
@@ -263,6 +277,10 @@ class TrainingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def flat_values(self) -> dict[str, Any]:
+        """Every field as a number, string or bool (others as text), for experiment trackers."""
+        return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.to_dict().items()}
 
     def non_default_values(self) -> dict[str, Any]:
         """Fields that differ from the defaults (for the model card)."""

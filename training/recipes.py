@@ -89,6 +89,9 @@ def fit_recipe(config: TrainingConfig, train_labels: Sequence[int] | np.ndarray,
         choose("cia_distill_weight", TRANSFER_WEIGHT, "the head teaches the embedding its top-16 order (listwise KL)")
     else:
         choose("cia_distill_weight", 0.0)
+    # the transfer stops where the head re-ranks validation no better than the embedding (training/transfer_gate.py);
+    # not in the main job's recipe, whose figures were measured without the rule
+    choose("cia_distill_stop", "never" if recipe_name(config) == "embedded" else "head_no_better")
     notes.insert(0, f"recipe {recipe_name(config)!r}: " + ", ".join(f"{k}={v}" for k, v in chosen.items()))
     return notes
 

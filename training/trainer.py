@@ -42,6 +42,8 @@ from .recipes import fit_recipe
 from .reranker_fit import fit_run_reranker
 from .reranker_stage import freeze_head_for_stage
 from .result import TrainingResult
+from .token_grid import head_token_note
+from .transfer_gate import TransferGate
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +73,6 @@ class CrossMetricTrainer:
         self.recipe = [*fit_recipe(config, label_array(self.dataset["train"]), self.accelerator.num_processes)]
         self.recipe.append(selection_note)
         config.validate()  # again, with the values the recipe chose
-        for line in self.recipe:
-            logger.info(line)
         evaluation = {"max_images": config.max_eval_images, "batch_size": config.eval_batch_size, "seed": config.seed}
         self.test_evaluator = Evaluator.from_dataset(self.dataset, "test", **evaluation)
         self.selection_evaluator = None
@@ -80,6 +80,9 @@ class CrossMetricTrainer:
             self.selection_evaluator = Evaluator.from_dataset(self.dataset, self.selection_split, **evaluation)
         self.selection = ModelSelection(self.run_directory, config.selection_metric)
         self.model = model if model is not None else self._build_model()
+        self.recipe += filter(None, [head_token_note(self.model)])  # how many tokens the head attends over
+        for line in self.recipe:
+            logger.info(line)
         if config.embedding_init == "pca" and model is None and not config.resume_from_checkpoint:
             initialize_embedding_from_features(
                 self.model.embedder,
@@ -145,6 +148,8 @@ class CrossMetricTrainer:
         self.history: list[dict[str, Any]] = []
         self.step_seconds: list[float] = []  # compute time of each batch (forward, loss, backward, step), no data
         self.clip_groups = clip_groups(self.model, self.accelerator.unwrap_model(self.model), config.cia_detach)
+        unwrap = self.accelerator.unwrap_model  # the transfer's stop rule (transfer_gate.py):
+        self.transfer_gate = TransferGate(config, unwrap(self.objective), unwrap(self.model), self.selection_split)
 
     # ----------------------------------------------------------------------------------------------- building
     def _load_dataset(self) -> Any:
@@ -172,7 +177,7 @@ class CrossMetricTrainer:
         if accelerator.is_main_process:
             c.save_yaml(self.run_directory / TRAINING_CONFIG_FILE)
         if c.report_to != "none":
-            accelerator.init_trackers("crossmetric", config=_flat_config(c))
+            accelerator.init_trackers("crossmetric", config=c.flat_values())
         if self.global_step == 0 and self.batches_done_in_epoch == 0 and not self.validation_curve:
             if c.zero_shot_eval:  # a report, never a candidate: the test split does not select anything
                 self.zero_shot = self._evaluate(self.test_evaluator, record="zero_shot")
@@ -326,7 +331,8 @@ class CrossMetricTrainer:
                 metrics = evaluator.worst_metrics()
             if record is not None:
                 self._append_log({"step": self.global_step, "epoch": self.epoch, record: metrics})
-            logger.info("step %d, %s: %s", self.global_step, evaluator.name, _format(metrics))
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            logger.info("step %d, %s: %s", self.global_step, evaluator.name, shown)
         self.accelerator.wait_for_everyone()
         self._set_train_mode()
         return metrics
@@ -345,6 +351,8 @@ class CrossMetricTrainer:
                 self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.global_step)
             self.selection.consider(self.global_step, metrics, self.accelerator.unwrap_model(self.model))
         self.accelerator.wait_for_everyone()
+        self.transfer_gate.at_evaluation(self.accelerator, self.model, self.dataset.get("validation"), self.global_step,
+                                         self.total_steps, self._append_log, self._set_train_mode)  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self) -> None:
@@ -382,6 +390,7 @@ class CrossMetricTrainer:
         if log.exists():  # drop log lines written after the checkpoint, by the run that was interrupted
             lines = log.read_text().splitlines()[: state["history_length"]]
             self.history = [json.loads(line) for line in lines]
+            self.transfer_gate.restore(self.history)
             if self.accelerator.is_main_process:
                 write_text_atomic(log, "".join(line + "\n" for line in lines))
         logger.info("Resumed from %s at step %d", checkpoint, self.global_step)
@@ -389,11 +398,3 @@ class CrossMetricTrainer:
     @property
     def checkpoints(self) -> list[Path]:
         return complete_checkpoints(self.run_directory)
-
-
-def _format(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-
-
-def _flat_config(config: TrainingConfig) -> dict[str, Any]:
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()}

@@ -174,6 +174,11 @@ class CrossImageAttentionObjective(nn.Module):
             loss = loss + self.distill_scale(step) * distill_loss
         return ObjectiveOutput(loss=loss, base_loss=base, level_losses=level_losses, distill_loss=distill_loss)
 
+    def stop_transfer(self) -> None:
+        """Switch the transfer off for the rest of the run (``training/transfer_gate.py``): weight 0, not computed."""
+        self.distillation = None
+        self.distill_weight = 0.0
+
     def distill_scale(self, step: int | None) -> float:
         """The transfer's weight at ``step``: rising linearly over the warm-up, then ``distill_weight``."""
         if step is None or self.distill_warmup_steps == 0:

@@ -1,0 +1,214 @@
+"""Issue 29: does conditioning help when the head has the paper's 7×7 tokens? Arms paired per seed, tables as they come.
+
+Every arm is a row of ``scripts/benchmark.py`` (the same ``crossmetric train`` process, recipe, seeds, classes,
+schedule and selection on validation; the test split embedded once per run) with the same extra arguments for all,
+e.g. ``-- --image_size 112`` (lite0's stride-16 stage then gives the head 7×7 tokens). Unlike ``benchmark.py``, runs
+go seed by seed (every arm of seed 0 first), and ``results.json`` / ``results.md`` are rewritten after each run, so a
+session that ends early leaves a table of what ran, with the missing (arm, seed) pairs listed.
+
+The arms (issue 29 item 2): head off; the head with its loss into the backbone at lambda 1 and 0.3 (the better on
+validation, by the mean selected validation Recall@1 over the seeds that ran both, is the ``paper`` arm; later seeds
+run only that lambda); the no-conditioning control at that lambda; today's default (detached head + top-16 list-wise
+transfer, no stop rule) and the same transfer from the no-conditioning head. Floors: raw pixels and the starting
+model of each seed (zero-shot, from the head-off runs).
+
+    OMP_NUM_THREADS=1 python scripts/benchmark_token_count.py --dataset emoji --seeds 0 1 2 \
+        --output_dir outputs/tokens_7x7 --results scripts/benchmark_results/emoji_cpu/token_count -- --image_size 112
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import METRICS, mean_std, paired, raw_pixel_metrics, train  # noqa: E402
+
+LAMBDAS = {"cia": 1.0, "cia_lambda_0.3": 0.3}  # the head's loss into the backbone, lambda 1 and 0.3
+SELF_AT = {"cia": "cia_query_self", "cia_lambda_0.3": "cia_query_self_lambda_0.3"}  # the control at that lambda
+TRANSFER, TRANSFER_SELF = "cia_detach_distill_listwise_top16", "cia_query_self_detach_distill_listwise_top16"
+PAIRS = (  # (label, arm, reference arm): the paired differences each table shows
+    ("paper's head − head off", "paper", "baseline"),
+    ("paper's head − no conditioning (same lambda)", "paper", "paper_self"),
+    ("default (transfer) − head off", TRANSFER, "baseline"),
+    ("default (transfer) − transfer from no conditioning", TRANSFER, TRANSFER_SELF),
+    ("no conditioning (same lambda) − head off", "paper_self", "baseline"),
+    ("transfer from no conditioning − head off", TRANSFER_SELF, "baseline"),
+)
+
+
+def summary(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any] | None:
+    path = args.output_dir / "runs" / f"{row}-seed{seed}" / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def choose_lambda(args: argparse.Namespace) -> tuple[str | None, list[int]]:
+    """The lambda row with the better mean selected validation Recall@1 over the seeds that ran both (None: none
+    did), and those seeds."""
+    seeds = [s for s in args.seeds if all(summary(args, row, s) for row in LAMBDAS)]
+    if not seeds:
+        return None, []
+    scores = {row: sum(summary(args, row, s)["best"]["recall@1"] for s in seeds) / len(seeds) for row in LAMBDAS}
+    return max(scores, key=lambda row: scores[row]), seeds
+
+
+def plan(args: argparse.Namespace, seed: int) -> list[str]:
+    """The rows of one seed, in order; the lambda arms wait for the choice made on the first seed."""
+    rows = ["baseline", TRANSFER, TRANSFER_SELF]
+    chosen, _ = choose_lambda(args)
+    if chosen is None:
+        return [*rows, *LAMBDAS]  # both lambdas; the control follows once one is chosen
+    return [*rows, chosen, SELF_AT[chosen]]
+
+
+def tabulate(args: argparse.Namespace, extra: list[str], started: float) -> dict[str, Any]:
+    chosen, chosen_on = choose_lambda(args)
+    arms = {"baseline": "baseline", TRANSFER: TRANSFER, TRANSFER_SELF: TRANSFER_SELF, **{r: r for r in LAMBDAS}}
+    if chosen:
+        arms.update(paper=chosen, paper_self=SELF_AT[chosen])
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for arm, row in arms.items():
+        runs[arm] = {s: found for s in args.seeds if (found := summary(args, row, s)) is not None}
+    rows = {}
+    for arm, by_seed in runs.items():
+        if not by_seed:
+            continue
+        seeds = sorted(by_seed)
+        rows[arm] = {
+            "row": arms[arm],
+            "seeds": seeds,
+            "median_step_seconds": [by_seed[s]["median_step_seconds"] for s in seeds],
+            "head_tokens": next((n for n in by_seed[seeds[0]]["recipe"] if n.startswith("head tokens")), None),
+            "validation_recall@1": [by_seed[s]["best"]["recall@1"] for s in seeds],
+            **{m: [by_seed[s]["final"][m] for s in seeds] for m in METRICS},
+        }
+    zero = {s: found["zero_shot"] for s, found in runs["baseline"].items() if found.get("zero_shot")}
+    differences = []
+    for label, arm, reference in PAIRS:
+        if arm not in runs or reference not in runs:
+            continue
+        common = sorted(set(runs[arm]) & set(runs[reference]))
+        if common:
+            pair = {"pair": label, "arm": arms[arm], "reference": arms[reference], "seeds": common}
+            for m in ("recall@1", "map@r"):
+                pair[m] = paired(
+                    [runs[arm][s]["final"][m] for s in common], [runs[reference][s]["final"][m] for s in common]
+                )
+            differences.append(pair)
+    expected = [(row, s) for s in args.seeds for row in ["baseline", TRANSFER, TRANSFER_SELF]]
+    expected += [(row, args.seeds[0]) for row in LAMBDAS]  # the first seed chooses lambda, the others run its row
+    for row in (chosen, SELF_AT[chosen]) if chosen else ("cia (the chosen lambda)", "cia_query_self (at that lambda)"):
+        expected += [(row, s) for s in args.seeds if (row, s) not in expected]
+    missing = [f"{row} seed {s}" for row, s in expected if summary(args, row, s) is None]
+    return {
+        "dataset": args.dataset,
+        "extra_arguments": extra,
+        "seeds": args.seeds,
+        "lambda": {"chosen": chosen, "value": LAMBDAS.get(chosen), "chosen_on_validation_of_seeds": chosen_on},
+        "floors": {"raw_pixels": args.raw_pixels, "zero_shot": {m: [z[m] for z in zero.values()] for m in METRICS}},
+        "zero_shot_seeds": sorted(zero),
+        "rows": rows,
+        "paired": differences,
+        "missing": missing,
+        "wall_seconds": time.perf_counter() - started,
+        "device": f"CPU ({os.cpu_count()} cores), one thread per run",
+        "command": " ".join(sys.argv),
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    def cell(values: list[float]) -> str:
+        mean, std = mean_std(values)
+        return f"{mean * 100:.2f} ± {std * 100:.2f}"
+
+    lam = results["lambda"]
+    lines = [
+        f"Emoji arms at `{' '.join(results['extra_arguments'])}`; mean ± std over the seeds listed; "
+        f"lambda of the paper's head chosen on validation: {lam['chosen'] or 'not yet'} "
+        f"(seeds {', '.join(map(str, lam['chosen_on_validation_of_seeds'])) or '–'}).",
+        "",
+        "| row | seeds | tokens | R@1 | MAP@R | R@1 per seed | validation R@1 | step s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| raw pixels | – | – | {results['floors']['raw_pixels']['recall@1'] * 100:.2f} | "
+        f"{results['floors']['raw_pixels']['map@r'] * 100:.2f} | – | – | – |",
+    ]
+    zero = results["floors"]["zero_shot"]
+    if zero["recall@1"]:
+        lines.append(
+            f"| zero-shot (starting model) | {', '.join(map(str, results['zero_shot_seeds']))} | – | "
+            f"{cell(zero['recall@1'])} | {cell(zero['map@r'])} | "
+            f"{', '.join(f'{v * 100:.1f}' for v in zero['recall@1'])} | – | – |"
+        )
+    for arm, row in results["rows"].items():
+        if arm in ("paper", "paper_self"):
+            continue  # the same runs as their lambda rows
+        tokens = (row["head_tokens"] or "head off").removeprefix("head tokens: ").split(" per image")[0]
+        lines.append(
+            f"| {row['row']} | {', '.join(map(str, row['seeds']))} | {tokens} | {cell(row['recall@1'])} | "
+            f"{cell(row['map@r'])} | {', '.join(f'{v * 100:.1f}' for v in row['recall@1'])} | "
+            f"{cell(row['validation_recall@1'])} | {mean_std(row['median_step_seconds'])[0]:.3f} |"
+        )
+    lines += ["", "Paired per-seed differences (points), mean ± standard error:", ""]
+    lines += ["| pair | seeds | R@1 | per seed | MAP@R | per seed |", "| --- | --- | --- | --- | --- | --- |"]
+    for diff in results["paired"]:
+        r, m = diff["recall@1"], diff["map@r"]
+        lines.append(
+            f"| {diff['pair']} ({diff['arm']} − {diff['reference']}) | {', '.join(map(str, diff['seeds']))} | "
+            f"{r['mean'] * 100:+.2f} ± {r['standard_error'] * 100:.2f} | "
+            f"{', '.join(f'{d * 100:+.1f}' for d in r['differences'])} | "
+            f"{m['mean'] * 100:+.2f} ± {m['standard_error'] * 100:.2f} | "
+            f"{', '.join(f'{d * 100:+.1f}' for d in m['differences'])} |"
+        )
+    lines += ["", f"Not run (yet): {', '.join(results['missing']) or 'none'}."]
+    lines.append(f"Wall time so far: {results['wall_seconds'] / 60:.1f} min on {results['device']}.")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="emoji")
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--output_dir", type=Path, default=Path("outputs/tokens_7x7"))
+    parser.add_argument("--results", type=Path, required=True, help="folder of results.json and results.md")
+    parser.add_argument("--collect_only", action="store_true", help="tabulate what exists; train nothing")
+    args, extra = parser.parse_known_args()
+    extra = [e for e in extra if e != "--"]
+    # what benchmark.train() reads from its namespace
+    args.rerun, args.export_all, args.head_row = False, False, TRANSFER
+    started = time.perf_counter()
+    previous = args.results / "results.json"  # the raw-pixel floor is seed-independent: computed once
+    if previous.exists() and json.loads(previous.read_text())["dataset"] == args.dataset:
+        args.raw_pixels = json.loads(previous.read_text())["floors"]["raw_pixels"]
+    else:
+        args.raw_pixels = raw_pixel_metrics(args.dataset, args.data_dir)
+
+    def write() -> None:
+        results = tabulate(args, extra, started)
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (args.results / "results.md").write_text(markdown(results) + "\n")
+
+    write()
+    if not args.collect_only:
+        for seed in args.seeds:
+            done: set[str] = set()
+            while todo := [row for row in plan(args, seed) if row not in done]:
+                row = todo[0]
+                train(row, seed, args, extra)
+                done.add(row)
+                write()
+            if (chosen := choose_lambda(args)[0]) is not None and SELF_AT[chosen] not in done:
+                train(SELF_AT[chosen], seed, args, extra)  # seed 0: the control once its lambda is chosen
+                write()
+    print((args.results / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
