@@ -1,7 +1,12 @@
-"""``crossmetric search``: the gallery images nearest to query images, from a saved index.
+r"""``crossmetric search``: the gallery images nearest to query images, from a saved index.
 
     crossmetric search --model MODEL --index INDEX query.jpg [more.jpg ...] [--top_k 5] [--json] [--rerank_top_k 20]
     crossmetric search --model MODEL --milvus gallery.db --collection NAME query.jpg  (a Milvus collection)
+    crossmetric search --model MODEL --index INDEX query.jpg --filter label=cat,dog --filter color=red
+
+``--filter COLUMN=VALUE[,VALUE...]`` (repeatable) keeps the items whose column holds one of the values: OR within a
+flag, AND across flags, applied inside the index's search, so ``--top_k`` results come back however few items pass.
+A comma inside a value is written ``\,`` (``--filter 'maker=Smith\, J.'``): :mod:`crossmetric.retrieval.filter_spec`.
 
 ``--rerank_top_k K`` re-scores each query's K nearest with the model's re-ranker (``reranker/``) on the head tokens
 the index stores; items past K keep the embedding's order (``retrieval/reranking.py``). A model without a re-ranker,
@@ -19,6 +24,7 @@ from pathlib import Path
 
 from ..inference.loaded_model import LoadedModel
 from ..inference.loading import resolve_model
+from ..retrieval.filter_spec import parse_filter_specs, typed_filter
 from ..retrieval.reranking import check_rerank_top_k
 from .arguments import (
     add_backend_argument,
@@ -44,6 +50,11 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--top_k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print one JSON object per query")
     parser.add_argument(
+        "--filter", action="append", default=[], metavar="COLUMN=VALUE[,VALUE...]",
+        help="keep items whose COLUMN (label, path or a metadata column) is one of the values; repeatable: OR within "
+        r"a flag, AND across flags; a comma inside a value is written \,",
+    )  # fmt: skip
+    parser.add_argument(
         "--rerank_top_k", type=int, default=None,
         help="re-rank each query's K nearest with the model's re-ranker (a model trained with the head); the rest "
         "keep the embedding's order",
@@ -57,7 +68,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def run_search(ns: argparse.Namespace) -> int:
     """Run ``crossmetric search``: the ``top_k`` nearest entries for each query image, as text or JSON lines."""
-    from ..retrieval.search import search_images
+    from ..retrieval.search import open_index, search_images
 
     apply_progress(ns.progress)
     try:
@@ -68,6 +79,7 @@ def run_search(ns: argparse.Namespace) -> int:
             )
         if ns.top_k < 1:
             raise ValueError(f"--top_k must be >= 1, got {ns.top_k}.")
+        wanted = parse_filter_specs(ns.filter)
         missing = [image for image in ns.images if not Path(image).is_file()]
         if missing:
             raise ValueError(f"query image(s) not found: {', '.join(missing)}.")
@@ -88,6 +100,7 @@ def run_search(ns: argparse.Namespace) -> int:
         loaded = LoadedModel.load(
             ns.model, backend=ns.backend, rerank=rerank_top_k is not None, device=device, resolved=(kind, model)
         )
+        index = open_index(index, loaded)
         results = search_images(
             loaded,
             index,
@@ -96,6 +109,7 @@ def run_search(ns: argparse.Namespace) -> int:
             backend=ns.backend,
             device=device,
             rerank_top_k=rerank_top_k,
+            filter=typed_filter(wanted, index),  # a column the index lacks is refused before a query is embedded
         )
     except (ValueError, FileNotFoundError, ImportError) as error:
         return report_error("search", error)

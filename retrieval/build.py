@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from ..inference.embedding import Forward, embed_images, embeddings_and_reranker_tokens, model_reference, pooler_output
 from ..inference.loading import load_embedder
 from ..utils.fault_points import fault_point
+from .builder import IndexBuilder
 from .compatibility import describe_model, same_model
 from .gallery import Gallery, GallerySource, ImageRecords, as_records, embed_gallery, split_options, tokens_to_store
-from .head_tokens import HeadTokens
 from .index import EmbeddingIndex
 from .shards import DEFAULT_SHARD_SIZE, ShardFolder, ShardPlan, build_fingerprint, work_root
 
@@ -91,28 +91,28 @@ def _items(records: ImageRecords, start: int, kept: np.ndarray) -> pa.Table:
     return pa.table(columns)
 
 
-def _assemble(folder: ShardFolder, kind: str, model: dict[str, Any], token_stage: Any, **options: Any) -> Any:
-    """The index over every shard of ``folder``, in gallery order.
-
-    For now the shards are concatenated in this process and given to the ``EmbeddingIndex`` constructor; the
-    folder-format builder (which appends shard after shard, without the whole gallery in memory) replaces this.
-    """
-    embeddings, tables, tokens = [], [], []
-    for shard in folder.shards():
-        if len(shard.items):
-            embeddings.append(np.asarray(shard.embeddings))
-            tables.append(shard.items)
-            if shard.tokens is not None:
-                tokens.append(np.asarray(shard.tokens))
-    if not tables:
-        raise ValueError(f"none of the {folder.plan.count} images could be decoded.")
-    items = pa.concat_tables(tables, promote_options="default")
-    column = lambda name: items.column(name).to_pylist() if name in items.column_names else None  # noqa: E731
-    stacked = np.concatenate(embeddings)
-    stored = HeadTokens.from_array(np.concatenate(tokens), token_stage, len(stacked)) if tokens else None
-    return EmbeddingIndex(
-        stacked, column("id"), column("label"), column("path"), kind, model=model, head_tokens=stored, **options
-    )
+def _assemble(
+    folder: ShardFolder, output_dir: str | os.PathLike, kind: str, model: dict[str, Any], token_stage: Any,
+    progress: bool, **options: Any,
+) -> Any:  # fmt: skip
+    """The index over every shard of ``folder``, in gallery order, written to ``output_dir`` shard after shard by
+    :class:`~.builder.IndexBuilder` (each shard's arrays are memory-mapped: no process holds the whole gallery)."""
+    with IndexBuilder(
+        output_dir, kind=kind, model=model, token_stage=token_stage, progress=progress, **options
+    ) as builder:  # fmt: skip
+        for shard in folder.shards():
+            items = shard.items
+            if not items.num_rows:
+                continue  # every image of the shard was unreadable
+            values = {name: items.column(name).to_pylist() for name in items.column_names if name != "row"}
+            metadata = {name: column for name, column in values.items() if name not in ("id", "label", "path")}
+            builder.append(
+                shard.embeddings, values["id"], values.get("label"), values.get("path"), metadata or None,
+                head_tokens=shard.tokens,
+            )  # fmt: skip
+        if builder.count == 0:
+            raise ValueError(f"none of the {folder.plan.count} images could be decoded.")
+        return builder.finish()
 
 
 def build_index_sharded(
@@ -206,8 +206,7 @@ def build_index_sharded(
     processes.wait()
     if not processes.is_main:
         return None
-    index = _assemble(folder, kind, reference, store[0] if store else None, **index_options)
-    index.save(output_dir)
+    index = _assemble(folder, output_dir, kind, reference, store[0] if store else None, progress, **index_options)
     folder.remove()
     logger.info("Saved %s (%d of %d images) to %s", index, len(index), plan.count, output_dir)
     return index

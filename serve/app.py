@@ -4,6 +4,9 @@ Routes (Text Embeddings Inference's shapes where it has the route):
 
 - ``POST /embed``: images (JSON ``{"inputs": base64 | data-URI | [...]}`` or multipart ``images``) -> ``[[float]]``;
 - ``POST /search?k=``: the same inputs (``k`` also as a JSON field) -> per query ``[{"id", "label", "score", "path"}]``;
+  ``filter`` (a JSON field ``{"label": ["a", "b"]}``, or ``COLUMN=VALUE[,VALUE...]`` as form fields, query parameters
+  or JSON strings, each repeatable: OR within one, AND across) keeps only the items it allows, inside the index's
+  search (``k`` results whenever ``k`` items pass); a bad filter is a 422 before any image is embedded;
   with ``--rerank_top_k K`` the first ``K`` are re-ranked and each hit also has ``"cosine"``, ``"head_score"`` and
   ``"reranked"`` (:mod:`.search_service`);
 - ``GET /info``, ``GET /health`` (200 once loaded and warmed up, 503 before), ``GET /metrics`` (Prometheus);
@@ -35,11 +38,12 @@ from .errors import ServeError, error_response, status_error_type
 from .inputs import read_request
 from .middleware import ApiKeyMiddleware, MetricsMiddleware, PayloadLimitMiddleware
 from .runtime import Runtime
-from .search_service import check_k
+from .search_service import check_k, request_filter
 from .settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 DEFAULT_K = 10
+FILTER_QUERY = Query(default=None, description="COLUMN=VALUE[,VALUE...] (a comma in a value as \\,), repeatable: AND")
 
 
 class ErrorBody(BaseModel):
@@ -57,6 +61,12 @@ class EmbedRequest(BaseModel):
 
 class SearchRequest(EmbedRequest):
     k: int | None = Field(default=None, ge=1, description="neighbours per query (default 10, or ?k=)")
+    filter: dict[str, list[str | int | float | bool] | str | int | float | bool] | list[str] | str | None = Field(
+        default=None,
+        description='keep items whose column holds one of the values: {"label": ["a", "b"], "color": "red"} (OR '
+        'within a column, AND across), or "label=a,b" strings (a comma inside a value as \\,), as --filter',
+        examples=[{"label": ["cat", "dog"]}],
+    )
 
 
 class Hit(BaseModel):
@@ -160,14 +170,19 @@ def create_app(settings: ServeSettings, runtime: Runtime | None = None) -> Any:
         return json_response(np.ascontiguousarray(embeddings, dtype=np.float32))
 
     @app.post("/search", openapi_extra=_body(SearchRequest), responses=ERRORS, response_model=list[list[Hit]])
-    async def search_route(request: Request, k: str | None = Query(default=None, description="neighbours")) -> Response:
+    async def search_route(
+        request: Request,
+        k: str | None = Query(default=None, description="neighbours"),
+        filter: list[str] | None = FILTER_QUERY,
+    ) -> Response:
         """The ``k`` nearest gallery entries of each query image, best first (cosine similarity; with
         ``--rerank_top_k K``, the first ``K`` re-ranked by the model's re-ranker)."""
         runtime.require_ready()
         with runtime.permits.hold():
             parsed = await read_request(request, settings.max_client_batch_size, True, runtime.run_off_loop)
             count = check_k(parsed.k if parsed.k is not None else (k if k is not None else DEFAULT_K))
-            results = await runtime.search_images(parsed.images, count)
+            wanted = request_filter(parsed.filter if parsed.filter is not None else filter)
+            results = await runtime.search_images(parsed.images, count, wanted)
         return json_response(results)
 
     @app.get("/info")

@@ -1,7 +1,9 @@
 """Reading the images of an ``/embed`` or ``/search`` request, TEI's JSON shape or a multipart upload.
 
-- JSON: ``{"inputs": "<base64>" | "data:image/...;base64,<...>" | [...], "k": 5}`` (``k`` for ``/search`` only);
-- multipart: the files of the repeated field ``images`` (what an HTML form or ``curl -F images=@a.jpg`` sends).
+- JSON: ``{"inputs": "<base64>" | "data:image/...;base64,<...>" | [...], "k": 5, "filter": {"label": ["a"]}}``
+  (``k`` and ``filter`` for ``/search`` only);
+- multipart: the files of the repeated field ``images`` (what an HTML form or ``curl -F images=@a.jpg`` sends), and
+  for ``/search`` the repeated text field ``filter`` (``COLUMN=VALUE[,VALUE...]``, as ``crossmetric search --filter``).
 
 Each image keeps a name for error messages (``inputs[2]``, ``images[0] ("cat.png")``), so a 422 says which input
 failed. Requests without images are 400 (``empty``), with more than ``--max_client_batch_size`` images 413
@@ -24,6 +26,7 @@ from starlette.requests import Request
 from .errors import ServeError
 
 FIELD = "images"
+FILTER_FIELD = "filter"
 _DATA_URI = re.compile(r"^data:[\w.+-]*/?[\w.+-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 
 
@@ -37,10 +40,11 @@ class RawImage:
 
 @dataclass
 class ParsedRequest:
-    """The request's images, and the ``k`` its JSON body gave (None: not given there)."""
+    """The request's images, and the ``k`` and ``filter`` its body gave (None: not given there)."""
 
     images: list[RawImage]
     k: Any = None
+    filter: Any = None
 
 
 def display_name(text: str, limit: int = 80) -> str:
@@ -86,7 +90,9 @@ def parse_json_body(body: bytes, with_k: bool) -> ParsedRequest:
         raise ServeError(
             "invalid_input", f'"inputs" must be a string or a list of strings, got {type(inputs).__name__}.'
         )
-    return ParsedRequest(images, payload.get("k") if with_k else None)
+    if with_k:
+        return ParsedRequest(images, payload.get("k"), payload.get(FILTER_FIELD))
+    return ParsedRequest(images)
 
 
 async def read_request(request: Request, max_images: int, with_k: bool, run_off_loop: Any) -> ParsedRequest:
@@ -146,7 +152,7 @@ async def _read_multipart(request: Request, max_images: int) -> ParsedRequest:
     if not images and parts.other_fields:
         fields = ", ".join(display_name(k, 30) for k in parts.other_fields[:5])
         raise ServeError("empty", f'the form holds no file in the field "{FIELD}" (fields: {fields}).')
-    return ParsedRequest(images)
+    return ParsedRequest(images, filter=parts.filters or None)
 
 
 class _MultipartParts:
@@ -157,6 +163,7 @@ class _MultipartParts:
         self.max_images = max_images
         self.files: list[tuple[str | None, bytes]] = []
         self.other_fields: list[str] = []
+        self.filters: list[str] = []  # the text fields named "filter"
         self.too_many = False
         self.complete = False
         self._header_name = bytearray()
@@ -187,7 +194,9 @@ class _MultipartParts:
     def _part_end(self) -> None:
         options = parse_options_header(self._disposition)[1]
         name = options.get(b"name", b"").decode("utf-8", "replace")
-        if name != FIELD:
+        if name == FILTER_FIELD and options.get(b"filename") is None:
+            self.filters.append(b"".join(self._data).decode("utf-8", "replace"))
+        elif name != FIELD:
             self.other_fields.append(name)
         elif len(self.files) >= self.max_images:
             self.too_many = True

@@ -41,7 +41,7 @@ from .model_adapter import (
     no_reranker_refusal,
 )
 from .permits import Permits
-from .search_service import Reranking, Results, require_index, search
+from .search_service import Filter, Reranking, Results, check_filter_for, require_index, search
 from .settings import ServeSettings
 from .thumbnails import Thumbnails
 
@@ -202,12 +202,13 @@ class Runtime:
         """The embeddings of a request's images, in order."""
         return (await self.embed_with_tokens(images))[0]
 
-    async def search_images(self, images: list[RawImage], k: int) -> Results:
-        """The ``k`` nearest index entries of each of a request's images (re-ranked with ``--rerank_top_k``)."""
-        require_index(self.index)
+    async def search_images(self, images: list[RawImage], k: int, filter: Filter | None = None) -> Results:
+        """The ``k`` nearest index entries of each of a request's images that pass ``filter`` (checked against the
+        index before any image is embedded; re-ranked with ``--rerank_top_k``)."""
+        wanted = check_filter_for(require_index(self.index), filter)
         embeddings, tokens = await self.embed_with_tokens(images)
         loaded = self.index  # the index of this moment: a reload swaps in a new one, already checked
-        return await self.run_off_loop(search, loaded, embeddings, k, self.reranking, tokens)
+        return await self.run_off_loop(search, loaded, embeddings, k, self.reranking, tokens, wanted)
 
     @property
     def index(self) -> LoadedIndex | None:

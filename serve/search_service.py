@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..retrieval.filter_spec import filter_from_request, typed_filter
 from ..retrieval.reranking import check_index_for_reranker, search_and_rerank
 from ..retrieval.storage import METADATA_FILE, read_metadata
 from .errors import ServeError
@@ -32,6 +33,7 @@ from .index_watch import LoadedIndex
 from .settings import MAX_K
 
 Results = list[list[dict[str, Any]]]
+Filter = dict[str, list[Any]]
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,26 @@ def check_k(value: Any) -> int:
     return value
 
 
+def request_filter(value: Any) -> dict[str, list[Any]] | None:
+    """A request's ``filter`` (a mapping, or ``COLUMN=VALUE[,VALUE...]`` strings) as ``{column: [values]}``; a
+    filter of another shape is a 422 (``invalid_input``) saying the accepted forms."""
+    try:
+        return filter_from_request(value, "filter")
+    except ValueError as error:
+        raise ServeError("invalid_input", str(error)) from None
+
+
+def check_filter_for(loaded: LoadedIndex | None, wanted: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+    """``wanted`` checked against the index of this moment (its columns; values converted to the columns' types):
+    a 422 naming the column or value at fault, before any image is embedded."""
+    if not wanted:
+        return None
+    try:
+        return typed_filter(wanted, require_index(loaded).index, "filter")
+    except ValueError as error:
+        raise ServeError("invalid_input", str(error)) from None
+
+
 def check_index_folder_for_reranker(folder: Path, reranker_config: Any) -> None:
     """:func:`~crossmetric.retrieval.reranking.check_index_for_reranker` on a saved index folder from its
     ``metadata.json`` alone (no vectors read): the command's refusal before it starts. A folder whose metadata
@@ -71,13 +93,18 @@ def check_index_folder_for_reranker(folder: Path, reranker_config: Any) -> None:
 
 
 def rerank(
-    loaded: LoadedIndex, embeddings: np.ndarray, tokens: np.ndarray | None, k: int, reranking: Reranking
+    loaded: LoadedIndex,
+    embeddings: np.ndarray,
+    tokens: np.ndarray | None,
+    k: int,
+    reranking: Reranking,
+    filter: dict[str, list[Any]] | None = None,
 ) -> Results:
-    """The re-rank step: per query (embeddings Q×D, re-ranker tokens Q×T×C), the index's ``max(k, K)`` nearest with
-    the first ``K`` re-ranked and the rest in the embedding's order; the best ``k`` (blocking)."""
+    """The re-rank step: per query (embeddings Q×D, re-ranker tokens Q×T×C), the index's ``max(k, K)`` nearest (that
+    pass ``filter``) with the first ``K`` re-ranked and the rest in the embedding's order; the best ``k`` (blocking)."""
     if tokens is None:
         raise ValueError("re-ranking needs the queries' tokens: the server's batch did not return them")
-    return search_and_rerank(loaded.index, reranking.reranker, embeddings, tokens, k, reranking.top_k)
+    return search_and_rerank(loaded.index, reranking.reranker, embeddings, tokens, k, reranking.top_k, filter=filter)
 
 
 def require_index(loaded: LoadedIndex | None) -> LoadedIndex:
@@ -95,10 +122,17 @@ def search(
     k: int,
     reranking: Reranking | None = None,
     tokens: np.ndarray | None = None,
+    filter: dict[str, list[Any]] | None = None,
 ) -> Results:
-    """Per query row, its ``k`` nearest entries ``{"id", "label", "score", "path"}``, best first (blocking); with
-    ``reranking`` (and the queries' ``tokens``), re-ranked by :func:`rerank`."""
+    """Per query row, its ``k`` nearest entries ``{"id", "label", "score", "path"}`` that pass ``filter``, best first
+    (blocking); with ``reranking`` (and the queries' ``tokens``), re-ranked by :func:`rerank`. A filter the index of
+    this moment cannot apply (a reload dropped its column) is a 422."""
     loaded = require_index(loaded)
-    if reranking is not None:
-        return rerank(loaded, embeddings, tokens, k, reranking)
-    return loaded.index.search(embeddings, k=k)
+    try:
+        if reranking is not None:
+            return rerank(loaded, embeddings, tokens, k, reranking, filter)
+        return loaded.index.search(embeddings, k=k, **({"filter": filter} if filter else {}))
+    except ValueError as error:
+        if not filter:
+            raise
+        raise ServeError("invalid_input", f"filter: {error}") from None
