@@ -106,7 +106,7 @@ def test_the_layout_fits_the_budget_and_grows_with_the_count(count):
     assert layout.nlist & (layout.nlist - 1) == 0  # a power of two
     assert 2 * math.sqrt(count) <= layout.nlist <= 8 * math.sqrt(count)  # 4·sqrt(N) rounded in log scale
     assert layout.list_bytes(count) + layout.fixed_bytes(128) <= parse_memory("64G")
-    assert layout.code_size <= 64  # at least two dimensions per sub-quantiser
+    assert layout.code_size <= 32  # at least four dimensions per sub-quantiser
     built = faiss.index_factory(128, layout.factory, faiss.METRIC_INNER_PRODUCT)
     assert faiss.extract_index_ivf(built).nlist == layout.nlist
 
@@ -114,8 +114,8 @@ def test_the_layout_fits_the_budget_and_grows_with_the_count(count):
 def test_a_smaller_budget_gives_smaller_codes_and_too_small_a_budget_says_how_much_is_needed():
     sizes = [ivfpq_layout(10**7, 128, budget).code_size for budget in ("2G", "600M", "300M", "150M")]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
-    assert ivfpq_layout(10**7, 128, "2G") == IVFPQLayout(16384, 64, False, "IVF16384,PQ64x8")
-    assert ivfpq_layout(10**7, 128, "200M").opq  # 16 bytes for 128 dimensions: rotate first
+    assert ivfpq_layout(10**7, 128, "2G") == IVFPQLayout(16384, 32, False, "IVF16384,PQ32x8")
+    assert ivfpq_layout(10**7, 128, "200M").opq  # 8 bytes for 128 dimensions: rotate first
     with pytest.raises(ValueError, match="max_memory=.*pass a larger --max_memory"):
         ivfpq_layout(10**9, 128, "2G")
     with pytest.raises(ValueError, match="at least 16 items"):
@@ -135,3 +135,25 @@ def test_parse_memory_reads_units_and_names_bad_input():
             parse_memory(bad)
     with pytest.raises(ValueError, match="at least one byte"):
         parse_memory("0")
+
+
+def test_many_lists_are_filled_through_the_fast_assigner_and_still_search_well(tmp_path, monkeypatch, data):
+    import crossmetric.retrieval.ivfpq as ivfpq
+
+    monkeypatch.setattr(ivfpq, "FAST_ASSIGN_MIN_NLIST", 16)
+    monkeypatch.setattr(ivfpq, "ASSIGN_NPROBE", 2)  # 2 of 8 groups of centroids: approximate
+    trained = train_ivf(data, "IVF64,PQ8x4")
+    path = write_ondisk(trained, [(data, np.arange(COUNT))], tmp_path, "index-0")
+    index = read_ondisk(path)
+    assert index.ntotal == COUNT
+    exact = faiss.clone_index(trained)  # the same centroids, every vector in its best list
+    exact.add_with_ids(data, np.arange(COUNT))
+    lists = faiss.extract_index_ivf(index).invlists
+    sizes = np.array([lists.list_size(i) for i in range(64)])
+    best = np.array([faiss.extract_index_ivf(exact).invlists.list_size(i) for i in range(64)])
+    assert sizes.sum() == COUNT and np.abs(sizes - best).sum() <= 0.1 * COUNT  # nearly every vector in its best list
+    embeddings = data.astype(np.float16)
+    params = faiss.SearchParametersIVF(nprobe=8)
+    _, rows = search_refined(index, embeddings, data[:100], 10, params=params)
+    truth = np.argsort(-(data[:100] @ data.T), axis=1)[:, :10]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth)]) >= 0.9
