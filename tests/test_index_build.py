@@ -126,3 +126,27 @@ def test_two_processes_take_whole_shards_and_continue_a_killed_build(gallery: di
     assert "Embedded 9 images" in done.stderr and "(process 0/2)" in done.stderr, done.stderr[-3000:]
     assert "Embedded 12 images" in done.stderr and "(process 1/2)" in done.stderr, done.stderr[-3000:]
     _assert_same_index(output, gallery["reference"])
+
+
+def test_ivfpq_flags_reach_the_index_and_belong_to_ivfpq_only(gallery: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """``--kind ivfpq --max_memory --refine`` (issue 26's flags) build a working ivfpq index; the same flags with
+    another kind, or a budget that is not a size, are refused before any work."""
+    argv = ["build", "--model", str(gallery["model"]), "--images", str(gallery["images"]), *SHARD]
+    output = tmp_path / "pq"
+    code, err = run_cli(capsys, "index", *argv, "--output_dir", str(output), "--kind", "ivfpq", "--max_memory", "1M",
+                        "--refine", "4", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    index = EmbeddingIndex.load(output)
+    assert index.kind == "ivfpq" and len(index) == 24
+    assert index.params["refine"] == 4 and index.params["max_memory"] == 1024**2
+    reference = EmbeddingIndex.load(gallery["reference"])
+    probe = reference.embeddings[[3, 17]]
+    assert [hits[0]["id"] for hits in index.search(probe, k=1)] == [reference.ids[3], reference.ids[17]]
+    for extra, message in (
+        (["--kind", "hnsw", "--refine", "4"], "--max_memory and --refine are settings of --kind ivfpq"),
+        (["--kind", "ivfpq", "--max_memory", "lots"], "max_memory 'lots' is not a memory size"),
+        (["--kind", "ivfpq", "--refine", "0"], "--refine must be >= 1"),
+    ):
+        code, err = run_cli(capsys, "index", *argv, "--output_dir", str(tmp_path / "refused"), *extra)
+        assert code == 2 and message in err, err
+    assert not (tmp_path / "refused").exists() and not work_root(tmp_path / "refused").exists()
