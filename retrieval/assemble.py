@@ -46,7 +46,8 @@ def assemble(builder: Any, lookup: np.ndarray) -> str:
             if kind == "ivf":
                 index.trained = faiss.IndexIVFFlat(faiss.clone_index(faiss_index.quantizer), builder.dim,
                                                    faiss_index.nlist, faiss.METRIC_INNER_PRODUCT)  # fmt: skip
-                kinds.write_ivf_ondisk(faiss_index, index.trained, staging, names["index"].rsplit(".", 1)[0])
+                with kinds.quiet_stdout():
+                    kinds.write_ivf_ondisk(faiss_index, index.trained, staging, names["index"].rsplit(".", 1)[0])
             else:
                 faiss.write_index(faiss_index, str(staging / names["index"]))
             del faiss_index

@@ -25,6 +25,7 @@ from .ivfpq import (
     training_sample_size,
     write_ondisk,
 )
+from .kinds import quiet_stdout
 
 DEFAULT_MAX_MEMORY = "2G"
 _CHUNK = 1 << 16
@@ -73,7 +74,8 @@ def build_ondisk(
     chunks = ((vectors[s : s + _CHUNK], np.arange(s, min(s + _CHUNK, count), dtype=np.int64))
               for s in range(0, count, _CHUNK))  # fmt: skip
     stem = names["index"].rsplit(".", 1)[0]
-    write_ondisk(trained, chunks, folder, stem, progress)
+    with quiet_stdout():
+        write_ondisk(trained, chunks, folder, stem, progress)
     half = np.lib.format.open_memmap(folder / names["embeddings"], mode="w+", dtype=np.float16, shape=vectors.shape)
     for start in range(0, count, _CHUNK):
         half[start : start + _CHUNK] = vectors[start : start + _CHUNK]
@@ -82,7 +84,8 @@ def build_ondisk(
     Path(vectors.filename).unlink()  # type: ignore[attr-defined] - the float32 copy the builder streamed
     calibration = None
     if index.params.get("nprobe") is None:
-        built = read_ondisk(folder / names["index"])
+        with quiet_stdout():
+            built = read_ondisk(folder / names["index"])
         stored = np.load(folder / names["embeddings"], mmap_mode="r")
         calibration = calibrate_nprobe(built, stored, index.params["refine"], target_recall)
         index.params["nprobe"] = calibration["value"]

@@ -15,8 +15,13 @@ An approximate index without a search setting is calibrated while the first segm
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import math
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +173,28 @@ def write_ivf_ondisk(index: Any, trained: Any, folder: Path, stem: str) -> None:
     target_ivf.replace_invlists(invlists, True)
     invlists.this.disown()
     faiss.write_index(target, str(folder / f"{stem}.faiss"))
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Keep faiss' messages off the process's standard output while on-disk lists are written or opened.
+
+    faiss' ``OnDiskInvertedLists`` ("resizing ...") and its reader with ``IO_FLAG_ONDISK_SAME_DIR`` ("updating ondisk
+    filename ...") ``printf`` unconditionally; commands such as ``crossmetric search`` print JSON on stdout, which these
+    lines would break. File descriptor 1 points at ``/dev/null`` for the duration (C's buffers flushed first).
+    """
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved, sink = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(sink, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(sink)
 
 
 def flat_header(dim: int, count: int) -> bytes:

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from .columns import read_table, write_table
 from .idhash import build_lookup
-from .kinds import uses_global_ids, write_ivf_ondisk
+from .kinds import quiet_stdout, uses_global_ids, write_ivf_ondisk
 from .storage import SEGMENT_FILES, IndexFormatError, read_faiss
 
 _READ_FLAGS = {
@@ -106,7 +106,8 @@ class Segment:
         write_table(self.table, folder / names["items"])
         np.save(folder / names["idhash"], np.ascontiguousarray(self.lookup))
         if self.kind in ("ivf", "ivfpq"):
-            write_ivf_ondisk(self.index, trained, folder, Path(names["index"]).stem)
+            with quiet_stdout():
+                write_ivf_ondisk(self.index, trained, folder, Path(names["index"]).stem)
         else:
             faiss.write_index(self.index, str(folder / names["index"]))
         if self.kind != "exact":
@@ -128,7 +129,8 @@ class Segment:
                 f"{names['items']} holds {table.num_rows} rows (columns {table.column_names}) but the manifest says "
                 f"{rows}: the files come from different saves. Rebuild the index."
             )
-        index = read_faiss(names["index"], rows, dim, kind, _READ_FLAGS[kind])
+        with quiet_stdout():
+            index = read_faiss(names["index"], rows, dim, kind, _READ_FLAGS[kind])
         if kind == "exact":
             vectors = flat_vectors(index, rows, dim)
         else:
