@@ -32,7 +32,7 @@ def near_duplicates(index: Any, threshold: float = 0.95, *, progress: bool = Fal
         raise ValueError(f"threshold is a cosine similarity between -1 and 1, got {threshold!r}.")
     refine = index.params.get("refine")
     allowed = index._allowed(None)
-    selectors = index._selectors(allowed, True) if index.removed_count else [None] * len(index.segments)
+    selectors = index._live() if index.removed_count else [None] * len(index.segments)
     firsts, seconds = [], []
     bar = tqdm(total=len(index), desc="near duplicates", unit="item", disable=not progress)
     for segment, mask in zip(index.segments, allowed):

@@ -44,7 +44,7 @@ class IndexQueries:
         self.removed[: min(len(removed), len(self.removed))] = removed[: len(self.removed)]
         self.removed_count = int(np.unpackbits(self.removed, bitorder="little")[:start].sum())
         self._starts = np.array([s.start for s in segments], dtype=np.int64)
-        self._live_selectors: dict[int, Selector] | None = None
+        self._live_selectors: list[Selector | None] | None = None
 
     # -- counts --------------------------------------------------------------------------------------------------
     @property
@@ -93,14 +93,15 @@ class IndexQueries:
             if len(results) == 1:
                 return results[0]
             return merge_top_k([r[0] for r in results], [r[1] for r in results], k)
-        allowed = self._allowed(wanted)
-        passing = sum(int(mask.sum()) for mask in allowed)
+        # Tombstones alone: the live count is known and the selectors are cached (nothing per row per call).
+        allowed = self._allowed(wanted) if wanted is not None else None
+        passing = len(self) if allowed is None else sum(int(mask.sum()) for mask in allowed)
         k = min(k, passing)
         if k == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         if self.kind != "exact" and passing <= EXHAUSTIVE_BELOW:
-            return self._exhaustive(queries, allowed, k)
-        selectors = self._selectors(allowed, wanted is None)
+            return self._exhaustive(queries, allowed or self._allowed(None), k)
+        selectors = self._selectors(allowed) if allowed is not None else self._live()
         results = []
         for segment, selector in zip(self.segments, selectors):
             if segment.rows and selector is not None:
@@ -109,7 +110,7 @@ class IndexQueries:
         scores, rows = merge_top_k([r[0] for r in results], [r[1] for r in results], k)
         short = short_queries(rows, k)
         if len(short):  # an approximate search that missed some passing rows: complete those queries exactly
-            scores[short], rows[short] = self._exhaustive(queries[short], allowed, k)
+            scores[short], rows[short] = self._exhaustive(queries[short], allowed or self._allowed(None), k)
         return scores, rows
 
     def _allowed(self, wanted: dict[str, list[Any]] | None) -> list[np.ndarray]:
@@ -122,10 +123,8 @@ class IndexQueries:
             masks.append(mask)
         return masks
 
-    def _selectors(self, allowed: list[np.ndarray], cacheable: bool) -> list[Selector | None]:
+    def _selectors(self, allowed: list[np.ndarray]) -> list[Selector | None]:
         """faiss selectors per segment (None: nothing passes there); local bitmaps for ``exact``, else global."""
-        if cacheable and self._live_selectors is not None:
-            return [self._live_selectors.get(i) for i in range(len(self.segments))]
         selectors: list[Selector | None] = []
         global_bits = bits_of(np.concatenate(allowed)) if uses_global_ids(self.kind) else None
         for mask in allowed:
@@ -133,9 +132,13 @@ class IndexQueries:
                 selectors.append(None)
             else:
                 selectors.append(Selector(global_bits if global_bits is not None else bits_of(mask)))
-        if cacheable:
-            self._live_selectors = {i: s for i, s in enumerate(selectors) if s is not None}
         return selectors
+
+    def _live(self) -> list[Selector | None]:
+        """The selectors of the live rows (no filter), built once per change of the tombstones."""
+        if self._live_selectors is None:
+            self._live_selectors = self._selectors(self._allowed(None))
+        return self._live_selectors
 
     def _exhaustive(self, queries: np.ndarray, allowed: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
         parts = []
