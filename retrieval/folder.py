@@ -12,7 +12,6 @@ write over a manifest another process has changed since this one read it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 from collections.abc import Iterator
@@ -97,6 +96,12 @@ def compacted_segment(index: Any) -> Segment:
 # -- changes --------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the folder's ``.lock`` file (POSIX ``flock``; where there is none, no lock is taken)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: one writer at a time is then the caller's to ensure
+        yield
+        return
     with open(folder / LOCK_FILE, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -223,7 +228,8 @@ def _open_into(index: Any, folder: Path, meta: dict[str, Any]) -> None:
             raise IndexFormatError(f"{path} holds {stored.dtype} {stored.shape}, not the {removed.shape} bitmap.")
         removed = stored
     for segment in segments:
-        kinds.apply_search_params(segment.index, meta["kind"], meta.get("params") or {})
+        if segment.index is not None:
+            kinds.apply_search_params(segment.index, meta["kind"], meta.get("params") or {})
     if meta.get("trained"):
         index.trained = read_faiss(folder / meta["trained"], 0, meta["dim"], meta["kind"])
     index._set_segments(segments, removed)

@@ -90,6 +90,10 @@ class Segment:
         """Write the segment's files into ``folder`` as segment ``name`` (copied where it is already on disk);
         ``trained``: the IVF kinds' trained, empty index (the on-disk lists are written into a copy of it)."""
         names = {key: pattern.format(name) for key, pattern in SEGMENT_FILES.items()}
+        if self.rows == 0:  # what a compaction of an all-removed index leaves: the columns only (faiss cannot map
+            write_table(self.table, folder / names["items"])  # an empty on-disk list file)
+            np.save(folder / names["idhash"], np.zeros((2, 0), np.uint64))
+            return [names["items"], names["idhash"]]
         files = [names["items"], names["index"], names["idhash"]]
         if self.kind != "exact":
             files.append(names["embeddings"])
@@ -129,6 +133,10 @@ class Segment:
                 f"{names['items']} holds {table.num_rows} rows (columns {table.column_names}) but the manifest says "
                 f"{rows}: the files come from different saves. Rebuild the index."
             )
+        if rows == 0:
+            empty = np.zeros((0, dim), np.float16 if kind == "ivfpq" else np.float32)
+            tokens = np.zeros((0, *token_shape), np.float16) if token_shape else None
+            return cls(kind, start, table, None, empty, tokens, _npy(names["idhash"], (2, 0)), name, [], folder)
         with quiet_stdout():
             index = read_faiss(names["index"], rows, dim, kind, _READ_FLAGS[kind])
         if kind == "exact":

@@ -140,3 +140,17 @@ def test_a_kill_between_writing_files_and_swapping_the_manifest_leaves_the_previ
     names = {p.name for p in folder.iterdir()}
     assert not [n for n in names if n.startswith("items-") and n != "items-000001.arrow"]
     assert len(EmbeddingIndex.load(folder)) == 298
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivf"])
+def test_removing_everything_and_compacting_leaves_an_empty_index_that_takes_new_items(tmp_path: Path, kind) -> None:
+    index = build(tmp_path / "index", kind, n=200)
+    index.remove([f"item-{i}" for i in range(200)])
+    index.compact()
+    empty = EmbeddingIndex.load(tmp_path / "index")
+    assert len(empty) == 0 and empty.search(clustered(1), k=3) == [[]] and empty.near_duplicates(0.5) == []
+    empty.add(clustered(2, seed=8), ["a", "b"])
+    assert [h["id"] for h in EmbeddingIndex.load(tmp_path / "index").search(clustered(2, seed=8)[0], k=5)[0]] == [
+        "a",
+        "b",
+    ]
