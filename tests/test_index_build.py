@@ -150,3 +150,14 @@ def test_ivfpq_flags_reach_the_index_and_belong_to_ivfpq_only(gallery: dict[str,
         code, err = run_cli(capsys, "index", *argv, "--output_dir", str(tmp_path / "refused"), *extra)
         assert code == 2 and message in err, err
     assert not (tmp_path / "refused").exists() and not work_root(tmp_path / "refused").exists()
+
+
+def test_the_progress_bar_shows_images_per_second_and_time_left(
+    gallery: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """One bar over the whole build (not one per shard), counted in images, with tqdm's rate and remaining time."""
+    argv = ["build", "--model", str(gallery["model"]), "--images", str(gallery["images"]), *SHARD]
+    code, err = run_cli(capsys, "index", *argv, "--output_dir", str(tmp_path / "index"), "--progress", "true")
+    assert code == 0, err
+    bars = re.findall(r"Embedding images:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[[0-9:]+<[0-9:?]+,\s*[0-9.?]+img/s\]", err)
+    assert bars and {total for _, total in bars} == {"25"} and ("25", "25") in bars, err[-2000:]
