@@ -69,9 +69,9 @@ class IndexQueries:
         ef_search: int | None = None,
         nprobe: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Raw search: ``(scores, rows)``, both Q × min(k, live items), best first; rows (global row numbers) are -1
-        where fewer than k were found. Queries are L2-normalised first; removed rows and rows outside ``filter``
-        are skipped inside faiss."""
+        """Raw search: ``(scores, rows)``, both Q × min(k, live items passing ``filter``), best first; rows are global
+        row numbers. Queries are L2-normalised first; removed rows and rows outside ``filter`` are skipped inside
+        faiss. A query for which an approximate index found fewer than k is completed by exact scoring."""
         from .index import normalise_rows
 
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
@@ -91,8 +91,13 @@ class IndexQueries:
             params = search_parameters(self.kind, self.params, overrides, None)
             results = [s.search(queries, k, params, self.params.get("refine")) for s in self.segments if s.rows]
             if len(results) == 1:
-                return results[0]
-            return merge_top_k([r[0] for r in results], [r[1] for r in results], k)
+                scores, rows = results[0]
+            else:
+                scores, rows = merge_top_k([r[0] for r in results], [r[1] for r in results], k)
+            short = short_queries(rows, k)
+            if len(short):  # the probed lists (or the graph walk) held fewer than k items: complete those exactly
+                scores[short], rows[short] = self._exhaustive(queries[short], self._allowed(None), k)
+            return scores, rows
         # Tombstones alone: the live count is known and the selectors are cached (nothing per row per call).
         allowed = self._allowed(wanted) if wanted is not None else None
         passing = len(self) if allowed is None else sum(int(mask.sum()) for mask in allowed)
