@@ -59,7 +59,7 @@ def choose_lambda(args: argparse.Namespace) -> tuple[str | None, list[int]]:
 
 def plan(args: argparse.Namespace, seed: int) -> list[str]:
     """The rows of one seed, in order; the lambda arms wait for the choice made on the first seed."""
-    rows = ["baseline", TRANSFER, TRANSFER_SELF]
+    rows = [TRANSFER, TRANSFER_SELF, "baseline"]  # the pair that answers CIA − control first, on a short budget
     chosen, _ = choose_lambda(args)
     if chosen is None:
         return [*rows, *LAMBDAS]  # both lambdas; the control follows once one is chosen
@@ -87,7 +87,12 @@ def tabulate(args: argparse.Namespace, extra: list[str], started: float) -> dict
             "validation_recall@1": [by_seed[s]["best"]["recall@1"] for s in seeds],
             **{m: [by_seed[s]["final"][m] for s in seeds] for m in METRICS},
         }
-    zero = {s: found["zero_shot"] for s, found in runs["baseline"].items() if found.get("zero_shot")}
+    zero = {}  # the starting model of each seed (the same for every arm of a seed: the head does not embed)
+    for by_seed in runs.values():
+        for s, found in by_seed.items():
+            if found.get("zero_shot") and s not in zero:
+                zero[s] = found["zero_shot"]
+    zero = dict(sorted(zero.items()))
     differences = []
     for label, arm, reference in PAIRS:
         if arm not in runs or reference not in runs:

@@ -55,6 +55,12 @@ def test_the_gate_is_due_after_the_warmup_only_and_a_resume_restores_a_stop() ->
     gate.restore([{"step": 4, RECORD: {"stopped": False}}, {"step": 6, RECORD: {"stopped": True}}])
     assert gate.stopped_at == 6 and objective.distillation is None and objective.distill_weight == 0.0
     assert not gate.due(8, 10)
+    watching = tiny_config(cia_distill_weight=5.0, cia_distill_warmup_steps=4, cia_distill_stop="watch")
+    watch = TransferGate(watching, objective, with_head, "validation")
+    assert watch.due(5, 10)
+    record = watch.decide(check_scores(_scores([1, 1, 0, 0]), step=5)).as_record()
+    assert record["head_no_better"] and not record["stopped"]  # logged, not acted on
+    assert gate.decide(check_scores(_scores([1, 1, 0, 0]), step=5)).as_record()["stopped"]
 
 
 def test_the_fine_tuning_recipe_gets_the_rule_and_the_main_job_does_not(tmp_path) -> None:
@@ -64,7 +70,7 @@ def test_the_fine_tuning_recipe_gets_the_rule_and_the_main_job_does_not(tmp_path
         config = tiny_config(**{"dataset": str(tmp_path), **fields})
         fit_recipe(config, labels)
         assert config.cia_distill_stop == expected, fields
-    with pytest.raises(ValueError, match="--cia_distill_stop='sometimes' must be head_no_better or never"):
+    with pytest.raises(ValueError, match="--cia_distill_stop='sometimes' must be head_no_better, watch or never"):
         tiny_config(cia_distill_stop="sometimes").validate()
 
 

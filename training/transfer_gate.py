@@ -31,7 +31,7 @@ from ..evaluation.reranking import head_inputs
 
 logger = logging.getLogger(__name__)
 
-STOP_RULES = ("head_no_better", "never")
+STOP_RULES = ("head_no_better", "watch", "never")  # watch: check and log at the same points, never stop
 RECORD = "transfer_check"  # the key of the check's record in the training log (RUN/log.jsonl)
 DEFAULT_CANDIDATES = 20  # when --reranker_top_k is 0: the re-ranker's usual candidate count
 
@@ -46,12 +46,14 @@ class TransferCheck:
     embedding_recall: float
     candidates: int
     stop: bool
+    no_better: bool | None = None  # what the rule says, whether or not it acts (--cia_distill_stop watch)
 
     def as_record(self) -> dict[str, Any]:
         return {
             "head_recall@1": self.head_recall,
             "embedding_recall@1": self.embedding_recall,
             "candidates": self.candidates,
+            "head_no_better": self.stop if self.no_better is None else self.no_better,
             "stopped": self.stop,
         }
 
@@ -92,8 +94,9 @@ class TransferGate:
         """``config``: the run's ``TrainingConfig``; ``objective`` and ``model`` unwrapped (no DDP)."""
         self.config = config
         self.objective = objective
+        self.acts = config.cia_distill_stop == "head_no_better"
         self.active = (
-            config.cia_distill_stop == "head_no_better"
+            config.cia_distill_stop in ("head_no_better", "watch")
             and bool(config.cia_distill_weight)
             and getattr(model, "head", None) is not None
             and selection_split == "validation"
@@ -135,15 +138,21 @@ class TransferGate:
         with torch.random.fork_rng(devices=[]):  # nothing here may move the training's random streams
             embeddings, tokens, labels = head_inputs(model, validation, self.config.eval_batch_size, device, False)
             scores = candidate_scores(model.head, embeddings, tokens, labels, candidates, device=device)
-        return check_scores(scores, step)
+        return self.decide(check_scores(scores, step))
+
+    def decide(self, check: TransferCheck) -> TransferCheck:
+        """The rule's verdict, acted on only with ``head_no_better`` (``watch`` logs it and the transfer goes on)."""
+        check.no_better, check.stop = check.stop, check.stop and self.acts
+        return check
 
     def apply(self, record: dict[str, Any], step: int) -> None:
         """Act on a check's record (the same on every process): stop the transfer when it says so."""
         if not record["stopped"]:
             logger.info(
-                "step %d: the transfer goes on: the head re-ranks validation better than the embedding (Recall@1 "
-                "over each query's %d nearest: head alone %.4f, embedding %.4f)",
-                step, record["candidates"], record["head_recall@1"], record["embedding_recall@1"],
+                "step %d: the transfer goes on (--cia_distill_stop %s; Recall@1 over each query's %d nearest on "
+                "validation: head alone %.4f, embedding %.4f)",
+                step, self.config.cia_distill_stop, record["candidates"], record["head_recall@1"],
+                record["embedding_recall@1"],
             )  # fmt: skip
             return
         self.stop(step)
