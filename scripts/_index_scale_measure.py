@@ -84,8 +84,9 @@ def main(path: str) -> None:
     k, batch = int(spec.get("k", 10)), int(spec.get("batch", 64))
     import faiss  # noqa: F401 - imported before the baseline, like the package's own imports
 
-    if spec["how"] != "faiss":
+    if spec["how"] == "api":
         import crossmetric.retrieval.index  # noqa: F401
+    if spec["how"] == "module":
         import crossmetric.retrieval.ivfpq  # noqa: F401
     before = {"RssAnon": status_kib("RssAnon"), "RssFile": status_kib("RssFile")}
     start = time.perf_counter()

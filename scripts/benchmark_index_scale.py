@@ -9,10 +9,11 @@ For each kind asked (``--kinds``), the index is built (timed, one thread), then 
 (``_index_scale_measure.py``) that answers the 1,000 queries one at a time (p50/p99 ms, recall@10) and in batches
 of 64 (queries/s), and reports its heap: ``RssAnon`` after minus before loading (memory-mapped files excluded).
 
-- ``ivfpq``: through ``EmbeddingIndex`` when it has a streaming builder (``--via api``), else through
-  :mod:`crossmetric.retrieval.ivfpq` directly (``--via module``: sizing rule, training, on-disk lists, float16
-  re-scoring, ``nprobe`` calibrated on the calibration queries by doubling until recall@10 ≥ 0.95);
-- ``exact``, ``ivf``, ``hnsw``: ``EmbeddingIndex`` built from the array, saved, loaded;
+- ``exact``, ``ivf``, ``hnsw``, ``ivfpq``: the public API, ``IndexBuilder`` fed 2^18 rows at a time with ids
+  (the row numbers as strings), read back by ``EmbeddingIndex.load`` (metadata, id lookup and all);
+- ``ivfpq`` with ``--via module``: :mod:`crossmetric.retrieval.ivfpq` alone (no ids or metadata: sizing rule,
+  training, on-disk lists, float16 re-scoring, ``nprobe`` calibrated on the 256 calibration queries by doubling
+  until recall@10 ≥ 0.95); ``--sweep`` adds recall and ms/query over nprobe × refine (how DEFAULT_REFINE was set);
 - ``autofaiss``, ``autofaiss_mmap``: autofaiss' ``build_index`` with the same ``--max_memory``, run by
   ``_index_scale_autofaiss.py`` in ``--autofaiss_python`` (a venv with autofaiss; not a dependency), searched with
   the parameters it chose (``_mmap``: ``should_be_memory_mappable=True``, read with ``IO_FLAG_MMAP``).
@@ -65,20 +66,24 @@ def make_data(work: Path, count: int, dim: int, seed: int, k: int) -> None:
         return
     work.mkdir(parents=True, exist_ok=True)
     centres = blobs(count, dim, seed)
-    base = np.lib.format.open_memmap(work / "base.npy", "w+", np.float32, (count, dim))
-    for chunk, first in enumerate(tqdm(range(0, count, CHUNK), desc="data", mininterval=30)):
-        base[first : first + CHUNK] = draw(centres, min(CHUNK, count - first), np.random.default_rng([seed, 1, chunk]))
-    base.flush()
+    if not (work / "base.done").exists():
+        base = np.lib.format.open_memmap(work / "base.npy", "w+", np.float32, (count, dim))
+        for chunk, first in enumerate(tqdm(range(0, count, CHUNK), desc="data", mininterval=30)):
+            rng = np.random.default_rng([seed, 1, chunk])
+            base[first : first + CHUNK] = draw(centres, min(CHUNK, count - first), rng)
+        base.flush()
+        del base
+        (work / "base.done").touch()
+    base = np.load(work / "base.npy", mmap_mode="r")
     sets = {"queries": draw(centres, 1000, np.random.default_rng([seed, 2])),
             "calibration": draw(centres, 256, np.random.default_rng([seed, 3]))}  # fmt: skip
     both = np.concatenate(list(sets.values()))
     best_s = np.full((len(both), k), -np.inf, np.float32)
     best_i = np.full((len(both), k), -1, np.int64)
-    for first in tqdm(range(0, count, CHUNK // 2), desc="exact top-k", mininterval=30):
-        scores = both @ base[first : first + CHUNK // 2].T
-        top = np.argpartition(-scores, k, axis=1)[:, :k]
-        s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], 1)
-        i = np.concatenate([best_i, top + first], 1)
+    for first in tqdm(range(0, count, CHUNK), desc="exact top-k", mininterval=30):
+        scores, rows = faiss.knn(both, np.ascontiguousarray(base[first : first + CHUNK]), k, faiss.METRIC_INNER_PRODUCT)
+        s = np.concatenate([best_s, scores], 1)
+        i = np.concatenate([best_i, rows + first], 1)
         order = np.argsort(-s, axis=1, kind="stable")[:, :k]
         best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
     np.save(work / "queries.npy", sets["queries"])
@@ -131,13 +136,18 @@ def build_ivfpq_module(work: Path, folder: Path, max_memory: str, refine: int) -
 
 
 def build_api(work: Path, folder: Path, kind: str, max_memory: str) -> dict:
-    from crossmetric.retrieval.index import EmbeddingIndex
+    """The public builder: ``IndexBuilder`` fed chunk by chunk (ids are the row numbers as strings)."""
+    from crossmetric.retrieval.builder import IndexBuilder
 
     base = np.load(work / "base.npy", mmap_mode="r")
-    kwargs = {"max_memory": max_memory} if kind == "ivfpq" else {}
-    index = EmbeddingIndex(np.asarray(base), [str(i) for i in range(len(base))], kind=kind, **kwargs)
-    index.save(folder)
-    return {"params": index.params, "calibration": index.calibration}
+    options = {"max_memory": max_memory} if kind == "ivfpq" else {}
+    with IndexBuilder(folder, kind=kind, progress=True, **options) as builder:
+        for vectors, rows in chunks(base):
+            builder.append(vectors, [str(row) for row in rows.tolist()])
+        index = builder.finish()
+    record = {"params": index.params, "calibration": index.calibration}
+    del index
+    return record
 
 
 def build_autofaiss(work: Path, folder: Path, max_memory: str, mmap: bool, python: str) -> dict:
@@ -202,6 +212,89 @@ def run_kind(args: argparse.Namespace, work: Path, kind: str) -> dict:
     return result
 
 
+def describe(result: dict) -> str:
+    build = result.get("build", {})
+    if result["kind"].startswith("autofaiss"):
+        return f"{build.get('index_key')} `{build.get('index_param')}`"
+    params = build.get("params") or {}
+    if "layout" in build:
+        params = build["layout"] | {"nprobe": build["nprobe"], "refine": build["refine"]}
+    keys = ("factory", "nlist", "nprobe", "refine", "ef_search")
+    return ", ".join(f"{key} {params[key]}" for key in keys if params.get(key) is not None)
+
+
+def projection(results: list[dict], count: int = 10**9) -> list[str]:
+    """Heap and disk of ivfpq at ``count`` items, from the largest measured ivfpq run (see the text it writes)."""
+    from crossmetric.retrieval.ivfpq import ivfpq_layout
+
+    runs = [r for r in results if r["kind"] == "ivfpq" and "failed" not in r]
+    if not runs:
+        return []
+    run = max(runs, key=lambda r: (r["count"], r["via"] == "api"))
+    n, dim = run["count"], run["dim"]
+    measured = ivfpq_layout(n, dim, run["max_memory"])
+    big_budget = "16G"
+    big = ivfpq_layout(count, dim, big_budget)
+    fixed_now, fixed_big = measured.fixed_bytes(dim), big.fixed_bytes(dim)
+    heap_rest = max(0.0, run["heap_bytes"] - fixed_now) / n  # everything but the centroids etc., counted per item
+    heap = fixed_big + heap_rest * count
+    per_file = {name: size / n for name, size in run["files"].items() if not name.endswith((".faiss", ".json"))}
+    lists_now = measured.code_bytes + 8
+    disk = sum(per_file.values()) * count - (lists_now - big.code_bytes - 8) * count + fixed_big
+    lines = [
+        f"Projection to {count:.0e} items on one machine, from the {n:.0e} ivfpq run ({run['via']}):",
+        "",
+        f"- layout: `ivfpq_layout({count:.0e}, {dim}, '{big_budget}')` = `{big.factory}` (the 2G default cannot hold",
+        f"  10^9 codes: the lists alone need {count * 12 / 1024**3:.0f} GiB at 4 bytes; {big_budget} gives"
+        f" {big.code_bytes}-byte codes, {big.list_bytes(count) / 1024**3:.1f} GiB of lists, in the page cache);",
+        f"- heap: fixed part {fixed_big / 1e6:.0f} MB (centroids {big.nlist} × {dim} × 4 B, codebooks, rotation, list "
+        f"offsets) + the rest of the measured heap counted as per-item ({heap_rest:.2f} B/item, an upper bound) = "
+        f"**{heap / 1024**3:.2f} GiB** ({heap / count:.2f} B/item);",
+        f"- disk: {disk / 1e12:.2f} TB ({disk / count:.0f} B/item: "
+        + ", ".join(f"{name} {size:.1f}" for name, size in per_file.items())
+        + f" B/item at {n:.0e}, the lists shrunk to {big.code_bytes + 8} B/item).",
+    ]
+    return lines
+
+
+def write_report(out: Path) -> None:
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*_*.json"))]
+    lines = [
+        "# Index kinds at scale (`scripts/benchmark_index_scale.py`)",
+        "",
+        "Clustered unit vectors, d = 128, 1,000 held-out queries, exact top-10 by brute force. One thread; the machine",
+        "has 2 cores shared with other jobs (load average in each JSON), so absolute times are pessimistic. Heap:",
+        "`RssAnon` after loading in a fresh process and answering the 1,000 queries, minus `RssAnon` before loading.",
+        "",
+        "| items | kind | via | build s | disk B/item | heap B/item | RssAnon KiB before → after | p50 ms | p99 ms |"
+        " q/s @64 | recall@10 | settings |",
+        "| ---: | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in sorted(results, key=lambda r: (r["count"], r["kind"], r.get("via", ""))):
+        if "failed" in r:
+            lines.append(f"| {r['count']:.0e} | {r['kind']} | | failed: {r['failed'][-150:]!r} | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['count']:.0e} | {r['kind']} | {r['via']} | {r['build_s']:.0f} | {r['disk_bytes_per_item']:.1f} | "
+            f"{r['heap_bytes_per_item']:.2f} | {r['rss_anon_before_kib']:,} → {r['rss_anon_after_kib']:,} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['qps_batch64']:.0f} | {r['recall_at_10']:.3f} | "
+            f"{describe(r)} |"
+        )
+    lines += ["", *projection(results)]
+    sweeps = [r for r in results if r.get("sweep")]
+    for r in sweeps:
+        lines += ["", f"## nprobe × refine at {r['count']:.0e} (recall@10 / ms per query at batch 64)", ""]
+        refines = sorted({row["refine"] for row in r["sweep"]})
+        probes = sorted({row["nprobe"] for row in r["sweep"]})
+        lines += ["| nprobe | " + " | ".join(f"refine {x}" for x in refines) + " |",
+                  "| ---: |" + " ---: |" * len(refines)]  # fmt: skip
+        cell = {(row["nprobe"], row["refine"]): row for row in r["sweep"]}
+        for probe in probes:
+            cells = [f"{cell[probe, x]['recall_at_10']:.3f} / {cell[probe, x]['ms']:.2f}" for x in refines]
+            lines.append(f"| {probe} | " + " | ".join(cells) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=1_000_000)
@@ -210,12 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="data and indexes (default /work/bench/<count>)")
     parser.add_argument("--out", type=Path, default=HERE / "benchmark_results" / "index_scale")
     parser.add_argument("--kinds", nargs="+", default=["ivfpq"])
-    parser.add_argument("--via", choices=["api", "module"], default="module")
+    parser.add_argument(
+        "--via", choices=["api", "module"], default="api", help="ivfpq through IndexBuilder or ivfpq.py"
+    )
     parser.add_argument("--max_memory", default="2G")
     parser.add_argument("--refine", type=int, default=10)
     parser.add_argument("--sweep", action="store_true", help="ivfpq: also sweep nprobe × refine (recall, ms/query)")
     parser.add_argument("--autofaiss_python", default="/work/bench/afenv/bin/python")
+    parser.add_argument("--report", action="store_true", help="only rewrite results.md from the JSON files in --out")
     args = parser.parse_args(argv)
+    if args.report:
+        write_report(args.out)
+        return 0
     faiss.omp_set_num_threads(1)
     work = args.work or Path("/work/bench") / str(args.count)
     log(f"data: {args.count} × {args.dim} in {work}")
@@ -227,8 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # one kind failing (e.g. autofaiss offline) must not lose the others
             log(f"{kind}: FAILED: {error}")
             result = {"kind": kind, "count": args.count, "failed": str(error)[-2000:]}
-        (args.out / f"{args.count}_{kind}.json").write_text(json.dumps(result, indent=1, default=str))
+        suffix = "_module" if kind == "ivfpq" and args.via == "module" else ""
+        (args.out / f"{args.count}_{kind}{suffix}.json").write_text(json.dumps(result, indent=1, default=str))
         log(f"{kind}: {json.dumps({k: v for k, v in result.items() if k not in ('build', 'files', 'sweep')})}")
+        write_report(args.out)
     return 0
 
 
