@@ -7,12 +7,18 @@ The layout is the one transformers.js and ONNX Runtime users expect next to ``co
 - Export: ``torch.onnx.export(dynamo=True)`` with one input ``pixel_values`` (dynamic batch, static H × W: the image
   processor always centre-crops to ``image_size``, and a dynamic H × W made a real export take minutes) and two
   outputs, ``last_hidden_state`` and ``pooler_output`` (the L2-normalised embedding), weights inside the file.
-- Quantization: ``onnxruntime.quantization.quantize_static``, QDQ format, per-channel signed 8-bit weights and
-  unsigned 8-bit activations calibrated on a batch of real (training) images. Dynamic quantization, which needs no
-  calibration, was measured first on a glyph-trained lite0 and lost about 5 points of Recall@1 (4 per-channel).
+- Quantization: ``onnxruntime.quantization.quantize_static``, QDQ format, per-channel signed weights and unsigned
+  8-bit activations calibrated on a batch of real (training) images (:data:`QUANTIZATION`). The weights use 7 bits
+  (``reduce_range=True``): ONNX Runtime's 8-bit kernels on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) sum
+  each pair of u8 × s8 products in 16 bits, which 2 × 255 × 127 overflows and 2 × 255 × 64 does not. Full 8-bit
+  weights lost 2.8 points of Recall@1 there on the main job's model; 7-bit weights are within 0.1 point of fp32 on
+  every CPU (``scripts/onnx_figures.py --compare_reduce_range``). Dynamic quantization, which needs no calibration,
+  was measured first on a glyph-trained lite0 and lost about 5 points of Recall@1 (4 per-channel).
 - Checks, both recorded in ``onnx/export_check.json`` and the model card: ONNX Runtime against PyTorch on a batch
   of real images (max difference of ``pooler_output`` at most 1e-4, else the export fails and writes no ``onnx/``),
-  and, when an evaluation split is given, Recall@1 of fp32 and 8-bit on it (8-bit must stay within 1 point of fp32).
+  and, when an evaluation split is given, Recall@1 and MAP@R of fp32 and 8-bit on it (8-bit Recall@1 must stay within
+  1 point of fp32). The record also holds the quantization setting (``int8_quantization``) and the CPU features of
+  the machine that ran the check (``check_cpu``, :mod:`.cpu_features`): a VNNI machine cannot see saturation.
   An 8-bit file that misses its check (or whose quantization fails) is left out, with a one-line warning and the
   reason in ``export_check.json`` (``int8_skipped``) and the card; the checked fp32 file is written all the same, and
   the ONNX backends (``search``, ``serve``) run it.
@@ -49,11 +55,23 @@ from ..inference.onnx_runtime import (
     session,
 )  # fmt: skip
 from ..modeling.modeling_crossmetric import replace_directory
+from .cpu_features import cpu_features
 
 logger = logging.getLogger(__name__)
 
 MAX_FP32_DIFFERENCE = 1e-4
 MAX_RECALL_DROP = 0.01  # Recall@1 as a fraction: 1 point
+# The portable setting: accurate on x86 CPUs with and without VNNI (see the module docstring). reduce_range=True
+# quantizes the weights to [-64, 64]: no pair of u8 x s8 products can then overflow a 16-bit sum.
+QUANTIZATION: dict[str, Any] = {
+    "method": "quantize_static", "format": "QDQ", "per_channel": True, "activation_type": "QUInt8",
+    "weight_type": "QInt8", "reduce_range": True, "weight_bits": 7, "calibrate_method": "MinMax",
+}  # fmt: skip
+
+
+def quantization_setting(reduce_range: bool = QUANTIZATION["reduce_range"]) -> dict[str, Any]:
+    """The setting :func:`quantize_int8` uses, as recorded in ``export_check.json`` (``int8_quantization``)."""
+    return {**QUANTIZATION, "reduce_range": reduce_range, "weight_bits": 7 if reduce_range else 8}
 
 
 class _TupleOutputs(torch.nn.Module):
@@ -90,9 +108,17 @@ def export_fp32(embedder: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration_pixel_values: torch.Tensor) -> Path:
-    """8-bit static quantization of ``fp32_path`` into ``int8_path`` (QDQ, per-channel weights), with activation
-    ranges calibrated on ``calibration_pixel_values`` (preprocessed real images, e.g. 128 training images)."""
+def quantize_int8(
+    fp32_path: Path,
+    int8_path: Path,
+    calibration_pixel_values: torch.Tensor,
+    *,
+    reduce_range: bool = QUANTIZATION["reduce_range"],
+) -> Path:
+    """8-bit static quantization of ``fp32_path`` into ``int8_path`` (:data:`QUANTIZATION`: QDQ, per-channel 7-bit
+    weights), with activation ranges calibrated on ``calibration_pixel_values`` (preprocessed real images, e.g. 128
+    training images). ``reduce_range=False`` (full 8-bit weights) is kept for measurements only: it saturates on x86
+    CPUs without VNNI."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     batches = iter(torch.split(calibration_pixel_values.float(), 32))
@@ -109,8 +135,10 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_pixel_values: to
     root.addFilter(demote)  # ... and its advice ("consider pre-processing before quantization") as root warnings
     try:
         quantize_static(
-            str(fp32_path), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            str(fp32_path), str(int8_path), Reader(), quant_format=QuantFormat[QUANTIZATION["format"]],
+            per_channel=QUANTIZATION["per_channel"], reduce_range=reduce_range,
+            activation_type=QuantType[QUANTIZATION["activation_type"]],
+            weight_type=QuantType[QUANTIZATION["weight_type"]],
         )  # fmt: skip
     finally:
         root.removeFilter(demote)
@@ -136,12 +164,12 @@ def max_difference(embedder: torch.nn.Module, onnx_path: Path, pixel_values: tor
     return float(np.abs(run_session(session(onnx_path), pixel_values) - expected).max())
 
 
-def split_recall_at_1(
+def split_metrics(
     paths: dict[str, Path], preprocessing: dict[str, Any], split: Any, batch_size: int = 256
-) -> dict[str, float]:
-    """Recall@1 of each ONNX file (name -> path) on a ``datasets`` split (``image``, ``label``), every image
-    querying all others, with the evaluation preprocessing (resize, centre crop) the trainer uses; one pass of the
-    embedding loop runs every file on each batch."""
+) -> dict[str, dict[str, float]]:
+    """Recall@1 and MAP@R (``{"recall@1", "map@r"}``) of each ONNX file (name -> path) on a ``datasets`` split
+    (``image``, ``label``), every image querying all others, with the evaluation preprocessing (resize, centre crop)
+    the trainer uses; one pass of the embedding loop runs every file on each batch."""
     from ..data.dml_dataset import label_array
     from ..evaluation.metrics import retrieval_metrics
 
@@ -157,10 +185,15 @@ def split_recall_at_1(
     )  # fmt: skip
     embedded = {names[0]: result.embeddings, **result.extras}
     labels = np.asarray(label_array(split), dtype=np.int64)
-    return {
-        name: retrieval_metrics(embedded[name], labels, ks=(1,), nmi=False, progress=False)["recall@1"]
-        for name in names
-    }
+    metrics = {name: retrieval_metrics(embedded[name], labels, ks=(1,), nmi=False, progress=False) for name in names}
+    return {name: {key: metrics[name][key] for key in ("recall@1", "map@r")} for name in names}
+
+
+def split_recall_at_1(
+    paths: dict[str, Path], preprocessing: dict[str, Any], split: Any, batch_size: int = 256
+) -> dict[str, float]:
+    """Recall@1 of each ONNX file (name -> path) on ``split``: :func:`split_metrics`'s ``recall@1``."""
+    return {name: values["recall@1"] for name, values in split_metrics(paths, preprocessing, split, batch_size).items()}
 
 
 def _quantize_and_check(
@@ -177,7 +210,7 @@ def _quantize_and_check(
     An 8-bit file that cannot be made, or whose Recall@1 on ``eval_split`` is more than :data:`MAX_RECALL_DROP`
     below fp32's, is deleted: the report then holds ``int8_skipped`` (the reason) and a one-line warning says so.
     """
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {"int8_quantization": quantization_setting(), "check_cpu": cpu_features()}
     try:
         quantize_int8(fp32, int8_path, calibration)
     except Exception as error:  # the quantizer's own failure: fp32 alone still serves
@@ -187,10 +220,12 @@ def _quantize_and_check(
         report["int8_bytes"] = int8_path.stat().st_size
         reason = None
         if eval_split is not None:
-            recall = split_recall_at_1({"fp32": fp32, "int8": int8_path}, embedder.config.preprocessing, eval_split)
+            metrics = split_metrics({"fp32": fp32, "int8": int8_path}, embedder.config.preprocessing, eval_split)
+            recall = {name: values["recall@1"] for name, values in metrics.items()}
             report.update(
                 eval_split=eval_name, eval_images=len(eval_split),
                 fp32_recall_at_1=recall["fp32"], int8_recall_at_1=recall["int8"],
+                fp32_map_at_r=metrics["fp32"]["map@r"], int8_map_at_r=metrics["int8"]["map@r"],
             )  # fmt: skip
             if recall["fp32"] - recall["int8"] > MAX_RECALL_DROP:
                 reason = (
@@ -264,11 +299,28 @@ def export_onnx_for_run(
     of fp32 and 8-bit on the whole split, ``"off"`` skips it, ``"auto"`` measures it for the glyph benchmark only
     (12,000 images: about a minute on a CPU), where the card's Recall@1 comes from.
     """
+    if recall not in ("auto", "on", "off"):
+        raise ValueError(f"--onnx_recall must be auto, on or off, got {recall!r}.")
+    split, pixel_values, calibration = run_export_inputs(embedder, config, check_images)
+    measure = recall == "on" or (recall == "auto" and str(config.dataset).lower() == "glyphs")
+    return export_onnx(
+        embedder, directory, pixel_values, calibration_pixel_values=calibration,
+        eval_split=split if measure else None, eval_name=run_split_name(config),
+    )  # fmt: skip
+
+
+def run_split_name(config: Any) -> str:
+    """How ``export_check.json`` names the run's evaluation split, e.g. ``"glyphs (validation)"``."""
+    return f"{Path(str(config.dataset)).name} ({config.eval_split})"
+
+
+def run_export_inputs(embedder: torch.nn.Module, config: Any, check_images: int = 8) -> tuple[Any, torch.Tensor, Any]:
+    """``(evaluation split, check batch, calibration batch)`` of a run (``config``: its ``TrainingConfig``), as
+    :func:`export_onnx_for_run` uses them: the split's first ``check_images`` images, and 128 training images
+    (seeded shuffle), both with the evaluation preprocessing."""
     from ..data.dml_dataset import load_dml_dataset
     from ..data.transforms import attach_transform, build_transform, collate_fn
 
-    if recall not in ("auto", "on", "off"):
-        raise ValueError(f"--onnx_recall must be auto, on or off, got {recall!r}.")
     dataset = load_dml_dataset(
         config.dataset, data_dir=config.data_dir, image_column=config.image_column, label_column=config.label_column,
         split_strategy=config.split_strategy, seed=config.seed, validation_fraction=config.validation_fraction,
@@ -283,9 +335,4 @@ def export_onnx_for_run(
         embedder.config.preprocessing, train=False
     ))  # fmt: skip
     calibration = collate_fn([train[i] for i in range(len(train))])["pixel_values"]
-    measure = recall == "on" or (recall == "auto" and str(config.dataset).lower() == "glyphs")
-    name = f"{Path(str(config.dataset)).name} ({config.eval_split})"
-    return export_onnx(
-        embedder, directory, pixel_values, calibration_pixel_values=calibration,
-        eval_split=split if measure else None, eval_name=name,
-    )  # fmt: skip
+    return split, pixel_values, calibration

@@ -9,19 +9,50 @@ import numpy as np
 import pytest
 import torch
 from _export_formats import image_files, pixel_values, tiny_full_export
+from _training_fixtures import make_shapes_folder
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from crossmetric import CrossMetricConfig, CrossMetricForMetricLearning  # noqa: E402
 from crossmetric.cli.main import main  # noqa: E402
 from crossmetric.hub import onnx_export  # noqa: E402
+from crossmetric.hub.cpu_features import cpu_features, has_vnni  # noqa: E402
 from crossmetric.inference.onnx_runtime import OnnxEmbedder  # noqa: E402
+from crossmetric.modeling.modeling_crossmetric import save_embedder  # noqa: E402
 from crossmetric.retrieval.index import EmbeddingIndex  # noqa: E402
+from crossmetric.training.embedding_init import principal_projection  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     return tiny_full_export(tmp_path_factory.mktemp("onnx"))
+
+
+@pytest.fixture(scope="module")
+def separated(tmp_path_factory):
+    """``(embedder, export folder, 12 image files)`` whose fp32 embeddings are well separated, exported with ``onnx/``.
+
+    12 shapes of 12 classes (colour and shape differ); the tiny random embedder's pooled features of them barely differ
+    (nearest other image at cosine 0.94-0.99), so its embedding layer is set as the trainer's ``embedding_init=pca``
+    sets it, to the whitened PCA of those features: the fp32 embeddings are then nearly orthogonal (nearest other at
+    cosine -0.08), and only an 8-bit file that garbles them reorders them. Measured on an AVX2 CPU without VNNI: 7-bit
+    weights find all 12 images first (margin 0.48), full 8-bit weights 7 of 12.
+    """
+    root = tmp_path_factory.mktemp("onnx_separated")
+    torch.manual_seed(0)
+    config = CrossMetricConfig(backbone="test_resnet", embedding_dim=16, image_size=32, cia_dim=16, cia_heads=2)
+    embedder = CrossMetricForMetricLearning(config).embedder.eval()
+    files = image_files(make_shapes_folder(root / "shapes", num_classes=12, per_class=1))
+    directory = save_embedder(embedder, root / "export")  # the image processor, for pixel_values
+    pixels = pixel_values(directory, files)
+    with torch.no_grad():
+        weight, bias = principal_projection(embedder.pool(*embedder.forward_tokens(pixels)), 16)
+        embedder.embedding.weight.copy_(weight)
+        embedder.embedding.bias.copy_(bias)
+    directory = save_embedder(embedder, root / "export")
+    onnx_export.export_onnx(embedder, directory, pixels)
+    return embedder, directory, files
 
 
 @pytest.mark.parametrize("batch_size", [1, 5])
@@ -49,16 +80,63 @@ def test_the_export_records_its_check_and_both_files(exported) -> None:
     assert not list(directory.glob(".onnx.partial-*"))
 
 
-def test_the_quantized_model_loads_and_ranks(exported) -> None:
-    model, directory, images = exported
-    files = image_files(images)
+def test_the_quantized_model_loads_and_ranks(separated) -> None:
+    embedder, directory, files = separated
     pixels = pixel_values(directory, files)
-    quantized = OnnxEmbedder(directory, quantized=True)(pixels).pooler_output.numpy()
     with torch.no_grad():
-        reference = model.embedder(pixels).pooler_output.numpy()
+        reference = embedder(pixels).pooler_output.numpy()
+    others = reference @ reference.T
+    np.fill_diagonal(others, -1.0)
+    assert others.max() < 0.5  # the fixture's point: no two fp32 embeddings are close
+    quantized = OnnxEmbedder(directory, quantized=True)(pixels).pooler_output.numpy()
     np.testing.assert_allclose(np.linalg.norm(quantized, axis=1), 1.0, atol=1e-3)
     # each 8-bit embedding finds its own image first among the fp32 (PyTorch) embeddings
     assert (np.argmax(quantized @ reference.T, axis=1) == np.arange(len(files))).all()
+
+
+def test_the_8bit_file_has_7bit_weights_that_cannot_saturate_and_the_check_records_its_cpu(separated) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    _, directory, _ = separated
+    check = json.loads((directory / "onnx" / "export_check.json").read_text())
+    assert check["int8_quantization"] == {
+        "method": "quantize_static", "format": "QDQ", "per_channel": True, "activation_type": "QUInt8",
+        "weight_type": "QInt8", "reduce_range": True, "weight_bits": 7, "calibrate_method": "MinMax",
+    }  # fmt: skip
+    assert check["check_cpu"] == cpu_features()
+    # the file itself: every signed 8-bit weight lies in [-64, 64], so 2 x 255 x 64 fits a 16-bit sum
+    graph = onnx.load(str(directory / "onnx" / "model_quantized.onnx")).graph
+    weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(weights) >= 5 and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
+            "processor\t: 1\nflags\t\t: fpu sse2 avx avx2 fma avx512f\n",
+            {"avx2": True, "avx512f": False, "avx512_vnni": False, "avx_vnni": False, "cpu": "AMD EPYC 7B13"},
+        ),
+        (
+            "model name\t: Intel Xeon 8480+\nflags\t: avx2 avx512f avx512_vnni avx_vnni amx_int8\n",
+            {"avx2": True, "avx512f": True, "avx512_vnni": True, "avx_vnni": True, "cpu": "Intel Xeon 8480+"},
+        ),
+        (
+            "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\n",  # ARM: no flags line
+            {"avx2": "unknown", "avx512f": "unknown", "avx512_vnni": "unknown", "avx_vnni": "unknown"},
+        ),
+    ],
+)
+def test_cpu_features_read_the_first_flags_line_and_say_unknown_without_one(tmp_path, text, expected) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(text)
+    features = cpu_features(cpuinfo)
+    assert {key: features[key] for key in expected} == expected
+    assert has_vnni(features) == expected["avx512_vnni"]
+    missing = cpu_features(tmp_path / "absent")  # not Linux
+    assert [missing[k] for k in ("avx2", "avx512f", "avx512_vnni", "avx_vnni")] == ["unknown"] * 4
 
 
 def test_index_build_with_the_onnx_backend_gives_the_pytorch_neighbours(exported, tmp_path, capsys) -> None:
@@ -131,6 +209,8 @@ def test_the_card_shows_every_route_and_the_onnx_check(exported) -> None:
     ):
         assert route in card, route
     assert "fp32 0.7500, 8-bit\n0.7456" in card
+    assert "7-bit per-channel weights" in card and "(`reduce_range=True`)" in card
+    assert "AVX2 " in card and "VNNI " in card and "The check\nran on" in card
     without = str(render_model_card(CrossMetricModelCardData.from_config(model.config)))
     assert "--onnx" in without and "onnxruntime.Inference" not in without
 
