@@ -31,35 +31,16 @@ from ..inference.loading import resolve_model
 from ..retrieval.shards import DEFAULT_SHARD_SIZE
 from ..retrieval.storage import KINDS
 from .arguments import (
-    add_backend_argument,
-    add_device_argument,
-    add_progress_argument,
     apply_progress,
     explicit_progress,
     report_error,
 )
+from .index_inputs import add_gallery_arguments, load_images  # noqa: F401 (load_images: cli.milvus_arguments)
 from .logging_setup import add_log_level_argument
 from .milvus_arguments import add_milvus_arguments, run_if_milvus
 
 SUBCOMMANDS = ("build", "add", "remove", "compact", "info", "duplicates")
 DEFAULT_MAX_MEMORY = "2G"
-
-
-def add_gallery_arguments(parser: argparse.ArgumentParser) -> None:
-    """How a gallery is read and embedded: shared by ``build`` and ``add``."""
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=0, help="image decoding worker processes")
-    parser.add_argument("--split", default=None, help="dataset split (needed when a dataset has several)")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--label_column", default="label")
-    parser.add_argument("--id_column", default=None, help="dataset column with ids (default: row number)")
-    parser.add_argument(
-        "--metadata_columns", nargs="+", default=None, metavar="COLUMN",
-        help="dataset columns kept with each item, for search --filter COLUMN=VALUE (a dataset gallery only)",
-    )  # fmt: skip
-    add_device_argument(parser)
-    add_backend_argument(parser)
-    add_progress_argument(parser)
 
 
 def add_index_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -95,40 +76,6 @@ def add_index_build_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     add_gallery_arguments(parser)
     add_milvus_arguments(parser, instead_of="--output_dir", index_type=True)  # or into a Milvus collection
     return add_log_level_argument(parser)
-
-
-def load_images(ns: argparse.Namespace) -> Any:
-    """The ``--images`` value as a folder path or a ``datasets.Dataset`` (one split)."""
-    path = Path(ns.images)
-    if not path.exists() and (ns.images.startswith((".", "/", "~")) or ns.images.count("/") > 1):
-        raise ValueError(f"--images {ns.images!r}: no such folder.")
-    if path.is_dir() and not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        if ns.metadata_columns:
-            raise ValueError(
-                f"--metadata_columns needs a dataset gallery: --images {ns.images!r} is an image folder, whose only "
-                "column is its sub-folder names (the labels)."
-            )
-        return str(path)
-    import datasets
-
-    if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-    elif path.exists():
-        raise ValueError(f"--images {ns.images!r} is a file: pass an image folder or a dataset.")
-    else:
-        loaded = datasets.load_dataset(ns.images, split=ns.split) if ns.split else datasets.load_dataset(ns.images)
-    if isinstance(loaded, datasets.DatasetDict):
-        if ns.split is None and len(loaded) > 1:
-            raise ValueError(f"--images {ns.images!r} has splits {list(loaded)}: pick one with --split.")
-        if ns.split is not None and ns.split not in loaded:
-            raise ValueError(f"--split {ns.split!r} is not a split of {ns.images!r} (splits: {list(loaded)}).")
-        loaded = loaded[ns.split or next(iter(loaded))]
-    missing = [c for c in ns.metadata_columns or () if c not in loaded.column_names]
-    if missing:
-        raise ValueError(
-            f"--metadata_columns {missing}: not columns of {ns.images!r} (its columns: {loaded.column_names})."
-        )
-    return loaded
 
 
 def _distributed() -> bool:

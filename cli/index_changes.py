@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import apply_progress, report_error
+from .index_inputs import add_gallery_arguments, load_images, read_ids
 from .logging_setup import add_log_level_argument
 from .milvus_arguments import add_milvus_arguments, run_if_milvus
 
@@ -33,8 +34,6 @@ def _add_index_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_index_add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``crossmetric index add``."""
-    from .index import add_gallery_arguments
-
     _add_index_argument(parser)
     parser.add_argument(
         "--images", required=True,
@@ -111,7 +110,6 @@ def run_index_add(ns: argparse.Namespace) -> int:
     if milvus is not None:
         return milvus
     from ..retrieval.build import embed_for_index
-    from .index import load_images
 
     apply_progress(ns.progress)
     try:
@@ -141,15 +139,6 @@ def run_index_add(ns: argparse.Namespace) -> int:
         f"added {len(gallery.ids)} items to {ns.index} ({replaced} replaced an item of the same id); {len(index)} now"
     )
     return 0
-
-
-def read_ids(ns: argparse.Namespace) -> list[str]:
-    """The ids of ``--ids`` or ``--ids_file`` (one per line, surrounding blanks and blank lines dropped)."""
-    if ns.ids is not None:
-        return list(ns.ids)
-    if not ns.ids_file.is_file():
-        raise ValueError(f"--ids_file {str(ns.ids_file)!r}: no such file.")
-    return [line.strip() for line in ns.ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def run_index_remove(ns: argparse.Namespace) -> int:
