@@ -57,10 +57,11 @@ def test_the_metadata_columns_are_kept_and_ids_run_on_across_shards(setup: dict)
     index = EmbeddingIndex.load(setup["index"])
     assert index.ids == [str(i) for i in range(12)]  # 3 shards of 5, 5, 2 rows
     assert index.metadata_columns == ["color", "year", "maker"]
+    # save_to_disk embeds the image bytes and keeps the file name as the path
     assert index.records(["7"]) == [
         {"id": "7", "label": setup["rows"]["label"][7], "path": Path(setup["rows"]["image"][7]).name,
          "color": "green", "year": 2021, "maker": "Doe"}
-    ]  # fmt: skip (save_to_disk embeds the image bytes and keeps the file name as the path)
+    ]  # fmt: skip
 
 
 def test_filters_or_within_and_across_with_typed_and_escaped_values(setup: dict, capsys) -> None:
