@@ -314,12 +314,51 @@ def _chunk(vectors: np.ndarray, ids: np.ndarray, dim: int, number: int) -> tuple
     return x, rows
 
 
-def _assigner(trained: faiss.Index) -> faiss.Index | None:
-    """An approximate list assigner for many lists: an IVF over the centroids (sqrt(nlist) groups, ``ASSIGN_NPROBE``
-    searched), about nlist / (ASSIGN_NPROBE · sqrt(nlist)) times fewer dot products than the flat quantizer (16× at
-    16,384 lists; the flat one took 265 s per 10^6 vectors here). A vector whose best list is missed lands in a
-    near-best list, where the search still finds it when it probes that list. None below ``FAST_ASSIGN_MIN_NLIST``,
-    or for inner product with centroids of unequal norms (there the L2 groups would not give the same best list)."""
+class _GroupAssigner:
+    """Assigns vectors to lists approximately, for many lists: the centroids are grouped by k-means into sqrt(nlist)
+    groups; a vector is compared with every group's mean, then only with the centroids of its ``ASSIGN_NPROBE`` best
+    groups, group by group with matrix products. At 16,384 lists that is 128 + 8 × 128 dot products per vector
+    instead of 16,384 (the flat quantizer took 265 s per 10^6 vectors on this 2-core machine; faiss' own IVF over the
+    centroids scans list by list without BLAS and was no faster). A vector whose best list is missed lands in a
+    near-best one (96 % agree at 4,096 lists), where a search that probes that list still finds it."""
+
+    def __init__(self, centroids: np.ndarray, metric: int, nprobe: int) -> None:
+        nlist, dim = centroids.shape
+        groups = max(1, int(math.sqrt(nlist)))
+        kmeans = faiss.Kmeans(dim, groups, niter=10, seed=1234)
+        kmeans.train(centroids)
+        _, group_of = kmeans.index.search(centroids, 1)
+        self.means = kmeans.centroids
+        self.members = [np.flatnonzero(group_of[:, 0] == g) for g in range(groups)]
+        self.centroids = centroids
+        self.offsets = -0.5 * (centroids**2).sum(1) if metric == faiss.METRIC_L2 else np.zeros(nlist, np.float32)
+        self.nprobe = min(nprobe, groups)
+
+    def assign(self, x: np.ndarray) -> np.ndarray:
+        """The list of each row of ``x`` (int64)."""
+        closeness = x @ self.means.T - 0.5 * (self.means**2).sum(1)  # -||x - mean||² / 2 up to a per-row constant
+        top = np.argpartition(-closeness, self.nprobe - 1, axis=1)[:, : self.nprobe]
+        best = np.full(len(x), -np.inf, np.float32)
+        lists = np.zeros(len(x), np.int64)
+        pairs = np.argsort(top, axis=None, kind="stable")  # (row, group) pairs sorted by group
+        rows_of_pairs, groups_of_pairs = pairs // self.nprobe, top.ravel()[pairs]
+        bounds = np.searchsorted(groups_of_pairs, np.arange(len(self.members) + 1))
+        for group, members in enumerate(self.members):
+            rows = rows_of_pairs[bounds[group] : bounds[group + 1]]
+            if not len(rows) or not len(members):
+                continue
+            scores = x[rows] @ self.centroids[members].T + self.offsets[members]
+            pick = scores.argmax(1)
+            score = scores[np.arange(len(rows)), pick]
+            better = score > best[rows]
+            best[rows[better]] = score[better]
+            lists[rows[better]] = members[pick[better]]
+        return lists
+
+
+def _assigner(trained: faiss.Index) -> _GroupAssigner | None:
+    """A :class:`_GroupAssigner` from ``FAST_ASSIGN_MIN_NLIST`` lists on; None below, or for inner product with
+    centroids of unequal norms (there the L2 groups would not hold the best list)."""
     ivf = faiss.extract_index_ivf(trained)
     if ivf.nlist < FAST_ASSIGN_MIN_NLIST:
         return None
@@ -327,14 +366,10 @@ def _assigner(trained: faiss.Index) -> faiss.Index | None:
     norms = np.linalg.norm(centroids, axis=1)
     if ivf.metric_type != faiss.METRIC_L2 and not np.allclose(norms, norms[0], rtol=1e-3):
         return None
-    assigner = faiss.IndexIVFFlat(faiss.IndexFlatL2(ivf.d), ivf.d, int(math.sqrt(ivf.nlist)))
-    assigner.train(centroids)
-    assigner.add(centroids)  # ids = list numbers
-    assigner.nprobe = ASSIGN_NPROBE
-    return assigner
+    return _GroupAssigner(centroids, ivf.metric_type, ASSIGN_NPROBE)
 
 
-def _add(shard: faiss.Index, x: np.ndarray, rows: np.ndarray, assigner: faiss.Index | None) -> None:
+def _add(shard: faiss.Index, x: np.ndarray, rows: np.ndarray, assigner: _GroupAssigner | None) -> None:
     if assigner is None:
         shard.add_with_ids(x, rows)
         return
@@ -343,8 +378,7 @@ def _add(shard: faiss.Index, x: np.ndarray, rows: np.ndarray, assigner: faiss.In
         for i in range(outer.chain.size()):
             x = outer.chain.at(i).apply(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    _, lists = assigner.search(x, 1)
-    lists = np.ascontiguousarray(lists[:, 0], dtype=np.int64)
+    lists = np.ascontiguousarray(assigner.assign(x), dtype=np.int64)
     ivf = faiss.extract_index_ivf(shard)
     ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(rows), faiss.swig_ptr(lists))
     shard.ntotal = ivf.ntotal
