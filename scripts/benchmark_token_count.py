@@ -107,8 +107,8 @@ def tabulate(args: argparse.Namespace, extra: list[str], started: float) -> dict
             differences.append(pair)
     expected = [(row, s) for s in args.seeds for row in ["baseline", TRANSFER, TRANSFER_SELF]]
     expected += [(row, args.seeds[0]) for row in LAMBDAS]  # the first seed chooses lambda, the others run its row
-    for row in (chosen, SELF_AT[chosen]) if chosen else ("cia (the chosen lambda)", "cia_query_self (at that lambda)"):
-        expected += [(row, s) for s in args.seeds if (row, s) not in expected]
+    paper, control = (chosen, SELF_AT[chosen]) if chosen else ("cia (chosen lambda)", "cia_query_self (same lambda)")
+    expected += [(paper, s) for s in args.seeds[1:]] + [(control, s) for s in args.seeds]
     missing = [f"{row} seed {s}" for row, s in expected if summary(args, row, s) is None]
     return {
         "dataset": args.dataset,

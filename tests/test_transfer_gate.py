@@ -63,10 +63,10 @@ def test_the_gate_is_due_after_the_warmup_only_and_a_resume_restores_a_stop() ->
     assert gate.decide(check_scores(_scores([1, 1, 0, 0]), step=5)).as_record()["stopped"]
 
 
-def test_the_fine_tuning_recipe_gets_the_rule_and_the_main_job_does_not(tmp_path) -> None:
+def test_the_fine_tuning_recipe_watches_the_head_and_the_main_job_does_not(tmp_path) -> None:
     labels = [i // 6 for i in range(48)]
-    for fields, expected in (({}, "head_no_better"), ({"dataset": "glyphs"}, "never"), ({"cia_distill_stop": "never"},
-                             "never")):  # fmt: skip
+    for fields, expected in (({}, "watch"), ({"dataset": "glyphs"}, "never"), ({"cia_distill_stop": "head_no_better"},
+                             "head_no_better")):  # fmt: skip
         config = tiny_config(**{"dataset": str(tmp_path), **fields})
         fit_recipe(config, labels)
         assert config.cia_distill_stop == expected, fields

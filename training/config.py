@@ -136,8 +136,8 @@ class TrainingConfig:
         default=60, metadata={"help": "steps over which the transfer's weight rises from 0"}
     )
     # issue 29 item 7 (training/transfer_gate.py): a head that ranks validation no better than the embedding has
-    # nothing to teach it; None: the recipe's choice (head_no_better for the fine-tuning recipe; never for the main
-    # job's, where the rule has not been run)
+    # nothing to teach it; None: the recipe's choice (watch for the fine-tuning recipe: the rule fired on emoji, where
+    # the transfer helps; never for the main job's)
     cia_distill_stop: str | None = field(
         default=None,
         metadata={
