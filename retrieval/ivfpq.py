@@ -55,7 +55,10 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-# k × DEFAULT_REFINE candidates are re-scored exactly (measured: scripts/benchmark_index_scale.py, results.md there).
+# k × DEFAULT_REFINE candidates are re-scored exactly. Measured (scripts/benchmark_results/index_scale/results.md,
+# 10^6 clustered vectors, IVF4096,PQ32x8): recall@10 stops rising with nprobe at 0.528 / 0.731 / 0.924 / 0.978 /
+# 0.988 / 0.994 for refine 1 / 2 / 5 / 10 / 20 / 50: 10 is the smallest that reaches 0.95, at 1.0 ms per query
+# (nprobe 8, batches of 64) against 1.9 ms for 20.
 DEFAULT_REFINE = 10
 
 # PQ sizes tried, largest first (autofaiss' list above 4 bytes, without those ≥ the dimension).
