@@ -81,12 +81,13 @@ def compacted_segment(index: Any) -> Segment:
     """One in-memory segment of the index's live rows, in row order (a new faiss index over them, same settings)."""
     tables, vectors, tokens = [], [], []
     for segment in index.segments:
-        live = np.flatnonzero(~unpack(index.removed, segment.start, segment.start + segment.rows))
-        tables.append(segment.table.take(live))
+        keep = ~unpack(index.removed, segment.start, segment.start + segment.rows)
+        live = np.flatnonzero(keep)
+        tables.append(segment.table.filter(pa.array(keep)))  # batch by batch (``take`` would concatenate first)
         vectors.append(np.asarray(segment.vectors[live], dtype=np.float32))
         if segment.tokens is not None:
             tokens.append(np.asarray(segment.tokens[live]))
-    table = pa.concat_tables(tables).combine_chunks()
+    table = pa.concat_tables(tables)
     stacked = np.concatenate(vectors) if vectors else np.zeros((0, index.dim), np.float32)
     head = HeadTokens(np.concatenate(tokens), index.token_stage) if index.token_shape is not None else None
     segment, _ = build_segment(index, 0, table, stacked, head)

@@ -196,8 +196,8 @@ class IndexQueries:
         for index in np.unique(which):
             segment = self.segments[index]
             picks = valid[which == index]
-            table = segment.table if columns is None else segment.table.select(list(columns))
-            for position, record in zip(picks.tolist(), table.take(rows[picks] - segment.start).to_pylist()):
+            records = segment.take(rows[picks] - segment.start, None if columns is None else list(columns))
+            for position, record in zip(picks.tolist(), records):
                 out[position] = record
         return out
 
@@ -216,7 +216,7 @@ class IndexQueries:
                 continue
             rows = local + segment.start
             alive = ((self.removed[rows >> 3] >> (rows & 7)) & 1) == 0
-            found = segment.table.column("id").take(local).to_pylist()
+            found = [record["id"] for record in segment.take(local, ["id"])]
             for w, row, name, live in zip(which.tolist(), rows.tolist(), found, alive.tolist()):
                 if live and name == ids[w]:
                     out[w] = row

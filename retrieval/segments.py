@@ -72,6 +72,28 @@ class Segment:
     def rows(self) -> int:
         return self.table.num_rows
 
+    def take(self, local: np.ndarray, columns: list[str] | None = None) -> list[dict[str, Any]]:
+        """The records of rows ``local`` (in that order), read batch by batch.
+
+        Not ``Table.take``: on a table of many record batches Arrow concatenates each column first, which reads and
+        copies the whole column (measured at 10^6 rows: 200 ms and 76 MB for 3 rows, against microseconds here).
+        """
+        if not hasattr(self, "_batches"):
+            self._batches = self.table.to_batches()
+            self._offsets = np.cumsum([0] + [len(b) for b in self._batches])
+        local = np.asarray(local, dtype=np.int64)
+        out: list[dict[str, Any]] = [{}] * len(local)
+        which = np.searchsorted(self._offsets, local, side="right") - 1
+        for batch_number in np.unique(which):
+            picks = np.flatnonzero(which == batch_number)
+            batch = self._batches[batch_number]
+            if columns is not None:
+                batch = batch.select(columns)
+            records = batch.take(pa.array(local[picks] - self._offsets[batch_number])).to_pylist()
+            for position, record in zip(picks.tolist(), records):
+                out[position] = record
+        return out
+
     @classmethod
     def in_memory(
         cls, kind: str, start: int, table: pa.Table, index: Any, vectors: np.ndarray, tokens: np.ndarray | None
