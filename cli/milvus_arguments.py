@@ -121,6 +121,13 @@ def token(ns: argparse.Namespace) -> str | None:
     return ns.milvus_token if ns.milvus_token is not None else os.environ.get(TOKEN_VARIABLE) or None
 
 
+def milvus_location(ns: argparse.Namespace) -> Any:
+    """The collection the flags name, to be opened later (``crossmetric serve`` opens it once its model is loaded)."""
+    from ..retrieval.milvus_index import MilvusLocation
+
+    return MilvusLocation(ns.milvus, ns.collection, token(ns))
+
+
 def open_milvus_index(ns: argparse.Namespace) -> Any:
     """The existing collection the flags name (``ValueError`` saying how to build it when there is none)."""
     from ..retrieval.milvus_index import MilvusIndex

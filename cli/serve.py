@@ -3,7 +3,7 @@
     crossmetric serve --model DIR_OR_HUB_ID [--index DIR] [--host 127.0.0.1] [--port 8080] [--backend torch|onnx]
         [--max_batch_size 32] [--max_wait_ms 5 (torch) / 0 (onnx)] [--max_concurrent_requests 64]
         [--max_client_batch_size 32]
-        [--api_key KEY] [--rerank_top_k K]
+        [--api_key KEY] [--rerank_top_k K] [--milvus URI --collection NAME (instead of --index)]
 
 The model, index and flags are checked before the server starts (exit code 2 with one line on stderr); the model is
 then loaded in the background while ``/health`` answers 503. The API key can come from ``CROSSMETRIC_API_KEY``
@@ -31,6 +31,7 @@ from .arguments import (
     report_error,
 )
 from .logging_setup import add_log_level_argument
+from .milvus_arguments import add_milvus_arguments, check_target, milvus_location
 
 if TYPE_CHECKING:
     from ..serve.settings import ServeSettings
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model_threads", type=int, default=None, help="the model's intra-op threads (default: half the CPUs)"
     )
     add_progress_argument(parser)  # the bars of a model or index downloaded from the Hub
+    add_milvus_arguments(parser)  # --milvus URI --collection NAME instead of --index
     return add_log_level_argument(parser)
 
 
@@ -100,8 +102,9 @@ def settings_from_arguments(ns: argparse.Namespace) -> tuple[ServeSettings, str]
     if not 0 <= ns.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {ns.port}.")
     api_key = ns.api_key if ns.api_key is not None else os.environ.get(API_KEY_VARIABLE) or None
+    index = milvus_location(ns) if check_target(ns, "--index", required=False) else ns.index
     settings = ServeSettings(
-        model=ns.model, index=ns.index, backend=ns.backend, device=ns.device, max_batch_size=ns.max_batch_size,
+        model=ns.model, index=index, backend=ns.backend, device=ns.device, max_batch_size=ns.max_batch_size,
         max_wait_ms=ns.max_wait_ms, max_concurrent_requests=ns.max_concurrent_requests,
         max_client_batch_size=ns.max_client_batch_size, payload_limit=ns.payload_limit,
         max_image_pixels=ns.max_image_pixels, api_key=api_key, rerank_top_k=ns.rerank_top_k,
@@ -111,7 +114,17 @@ def settings_from_arguments(ns: argparse.Namespace) -> tuple[ServeSettings, str]
     reranker = find_served_reranker(source) if ns.rerank_top_k is not None else None
     if ns.rerank_top_k is not None and reranker is None:
         raise ValueError(no_reranker_refusal(ns.model))
-    location, watched = find_index(ns.index, source)  # a wrong --index fails here, before any weight is read
+    location, watched = find_index(index, source)  # a wrong --index fails here, before any weight is read
+    if reranker is not None and not isinstance(index, (str, type(None))):  # --milvus: ask the collection now
+        from types import SimpleNamespace
+
+        from ..retrieval.reranking import check_index_for_reranker
+
+        collection = index.open()
+        try:
+            check_index_for_reranker(collection, SimpleNamespace(config=reranker_config_of(reranker)))
+        finally:
+            collection.close()
     if reranker is not None and watched and location is not None:  # a Hub index is checked when it is loaded
         check_index_folder_for_reranker(Path(location), reranker_config_of(reranker))
     return settings, str(source)
@@ -130,7 +143,7 @@ def main(argv: Sequence[str]) -> int:
         return report_error("serve", f'{error.name} is missing; the server needs: pip install "crossmetric[serve]".')
     try:
         settings, _ = settings_from_arguments(ns)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:
         return report_error("serve", error)
     from ..serve.server import run_server
 

@@ -104,6 +104,7 @@ def build_milvus_index(
                 )
             upserted += len(kept)
             bar.update(len(records))
+    index.flush()  # seal this process's rows into indexed segments (see MilvusIndex.flush)
     logger.info("Process %d/%d upserted %d of its %d images into %r.", rank, world, upserted, total, collection)
     if accelerator is not None:
         accelerator.wait_for_everyone()

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..retrieval.hub import DEFAULT_SUBFOLDER
 from ..retrieval.index import EmbeddingIndex
+from ..retrieval.milvus_index import MilvusLocation
 from ..retrieval.storage import METADATA_FILE
 
 logger = logging.getLogger(__name__)
@@ -53,8 +54,11 @@ class LoadedIndex:
         }  # fmt: skip
 
 
-def find_index(index: str | None, model_source: Path | str) -> tuple[Path | str | None, bool]:
-    """``(where the index is, whether it is a local folder to watch)`` for ``--index`` (None: ``MODEL/index/``)."""
+def find_index(index: str | MilvusLocation | None, model_source: Path | str) -> tuple[Any, bool]:
+    """``(where the index is, whether it is a local folder to watch)`` for ``--index`` (None: ``MODEL/index/``); a
+    ``MilvusLocation`` (``--milvus``) is opened as it is, unwatched (Milvus serves its own changes)."""
+    if isinstance(index, MilvusLocation):
+        return index, False
     if index is None:
         if isinstance(model_source, Path) and (model_source / DEFAULT_SUBFOLDER / METADATA_FILE).is_file():
             return model_source / DEFAULT_SUBFOLDER, True
@@ -123,6 +127,8 @@ class IndexWatch:
     def _read(self) -> EmbeddingIndex:
         if self.watch:
             index = EmbeddingIndex.load(self.location)  # type: ignore[arg-type]
+        elif isinstance(self.location, MilvusLocation):
+            index = self.location.open()
         else:
             index = EmbeddingIndex.from_pretrained(self.location)  # type: ignore[arg-type]
         if index.dim != self.dim:
