@@ -201,7 +201,7 @@ def test_search_resolves_and_loads_the_model_and_its_reranker_once(setup: dict, 
                         _counting(CrossMetricReranker.from_pretrained, calls, "reranker"))  # fmt: skip
     folder = setup["root"] / "folder_index"
     if not folder.exists():
-        setup["folder"].save(folder)
+        EmbeddingIndex.from_gallery(setup["gallery"], "exact").save(folder)
     query = str(setup["queries"][0])
     assert cli("search", "--model", str(setup["model"]), "--index", str(folder), query, "--rerank_top_k", "8") == 0
     assert calls == {"resolve_model": 1, "resolved_reranker": 1, "model": 1, "reranker": 1}, calls
