@@ -12,9 +12,10 @@ write over a manifest another process has changed since this one read it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,13 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def change(index: Any, segments: list[Segment], removed: np.ndarray) -> None:
-    """Make ``segments`` and the tombstone bitmap ``removed`` the index's content; persisted first when bound."""
+def change(
+    index: Any, segments: list[Segment], removed: np.ndarray, build: Callable[[Path, str], Segment] | None = None
+) -> None:
+    """Make ``segments`` and the tombstone bitmap ``removed`` the index's content; persisted first when bound.
+
+    ``build(folder, name)``: writes a segment straight into the bound folder under the lock (a streamed compaction)
+    and returns it; it then replaces ``segments``."""
     if index.folder is None:
         index._set_segments(segments, removed)
         return
@@ -125,6 +131,10 @@ def change(index: Any, segments: list[Segment], removed: np.ndarray) -> None:
                 f"{on_disk.get('generation', 0)}, not {index.generation}): load it again, then change it."
             )
         generation = index.generation + 1
+        if build is not None:
+            name = f"{index.next_segment:06d}"
+            index.next_segment += 1
+            segments = [build(folder, name)]
         manifest = _write_content(index, folder, segments, removed, generation)
         fault_point("index_change")  # the new files are written, the manifest not yet swapped
         write_atomic(folder / METADATA_FILE, json.dumps(manifest, ensure_ascii=False))
@@ -195,7 +205,7 @@ def save(index: Any, target: Path, *, bind: bool) -> Path:
     """Write the whole index into a fresh folder swapped in at ``target``; bind the index to it with ``bind``."""
     if target.exists() and not target.is_dir():
         raise ValueError(f"cannot save the index to {str(target)!r}: it is a file, not a folder.")
-    copies = [Segment(**{**s.__dict__}) for s in index.segments]  # the index's own segments stay as they are
+    copies = [dataclasses.replace(s) for s in index.segments]  # the index's own segments stay as they are
     saved_next = index.next_segment
     index.next_segment = 1
     try:

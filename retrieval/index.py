@@ -241,7 +241,12 @@ class EmbeddingIndex(IndexQueries):
 
     def compact(self) -> EmbeddingIndex:
         """Rewrite the live rows as one segment (removed rows dropped, rows renumbered); search results unchanged."""
-        folders.change(self, [folders.compacted_segment(self)], np.zeros(0, np.uint8))
+        if self.folder is None:
+            folders.change(self, [folders.compacted_segment(self)], np.zeros(0, np.uint8))
+        else:  # streamed from the mapped files into the folder (no gathering of the live rows in RAM)
+            from .compaction import write_compacted
+
+            folders.change(self, [], np.zeros(0, np.uint8), lambda folder, name: write_compacted(self, folder, name))
         return self
 
     def _check_model(self, model: Mapping[str, Any] | None) -> None:
