@@ -141,7 +141,8 @@ def change(
         keep = manifest_files(manifest) | index.bound_files
         for path in folder.iterdir():
             if is_index_file(path.name) and path.name not in keep:
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # still mapped where that forbids deleting: the next change retries
+                    path.unlink(missing_ok=True)
     _open_into(index, folder, manifest)
 
 
