@@ -10,10 +10,12 @@ The layout is the one transformers.js and ONNX Runtime users expect next to ``co
 - Quantization: ``onnxruntime.quantization.quantize_static``, QDQ format, per-channel signed weights and unsigned
   8-bit activations calibrated on a batch of real (training) images (:data:`QUANTIZATION`). The weights use 7 bits
   (``reduce_range=True``): ONNX Runtime's 8-bit kernels on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) sum
-  each pair of u8 × s8 products in 16 bits, which 2 × 255 × 127 overflows and 2 × 255 × 64 does not. Full 8-bit
-  weights lost 2.8 points of Recall@1 there on the main job's model; 7-bit weights are within 0.1 point of fp32 on
-  every CPU (``scripts/onnx_figures.py --compare_reduce_range``). Dynamic quantization, which needs no calibration,
-  was measured first on a glyph-trained lite0 and lost about 5 points of Recall@1 (4 per-channel).
+  each pair of u8 × s8 products in 16 bits, which 2 × 255 × 127 overflows and 2 × 255 × 64 does not. Measured
+  there (AMD EPYC, AVX2, no VNNI; glyph validation split) on the main job's model after its first epoch, Recall@1 /
+  MAP@R: fp32 0.900 / 0.649, 7-bit weights 0.895 / 0.640, full 8-bit weights 0.883 / 0.580; the 7-bit file is not
+  slower (0.95x the time per image, 1 thread: ``scripts/benchmark_results/onnx_reduce_range_cpu``). Dynamic
+  quantization, which needs no calibration, was measured first on a glyph-trained lite0 and lost about 5 points of
+  Recall@1 (4 per-channel).
 - Checks, both recorded in ``onnx/export_check.json`` and the model card: ONNX Runtime against PyTorch on a batch
   of real images (max difference of ``pooler_output`` at most 1e-4, else the export fails and writes no ``onnx/``),
   and, when an evaluation split is given, Recall@1 and MAP@R of fp32 and 8-bit on it (8-bit Recall@1 must stay within
