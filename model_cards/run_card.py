@@ -98,17 +98,17 @@ def export_files(
 
 def _transfer_stopped(history: Sequence[dict[str, Any]]) -> str | None:
     """Where the transfer stopped and why, in words, when its stop rule fired (``training/transfer_gate.py`` logs a
-    ``transfer_check`` record at each check; the words are those of its ``stop_reason``: this layer sits below)."""
+    ``transfer_check`` record at each check, with its ``reason`` when it stops)."""
     record = next((r for r in history if r.get("transfer_check", {}).get("stopped")), None)
     if record is None:
         return None
     check = record["transfer_check"]
-    return (
-        f"The transfer stopped at step {record['step']} (its weight was 0 from then on): the head re-ranked the "
-        f"validation split no better than the embedding (Recall@1 over each query's {check['candidates']} nearest: "
-        f"head alone {check['head_recall@1']:.4f}, embedding {check['embedding_recall@1']:.4f}), so it had nothing "
-        "to teach."
+    reason = check.get("reason") or (
+        f"the head re-ranked the validation split no better than the embedding (Recall@1 over each query's "
+        f"{check['candidates']} nearest: head alone {check['head_recall@1']:.4f}, embedding "
+        f"{check['embedding_recall@1']:.4f})"
     )
+    return f"The transfer stopped at step {record['step']} (its weight was 0 from then on): {reason}."
 
 
 def _transfer(config: Any) -> str | None:

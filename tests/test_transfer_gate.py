@@ -29,13 +29,24 @@ def _scores(head_first: list[int]) -> CandidateScores:
     return CandidateScores(np.arange(4), neighbours, head, np.ones((4, 2), np.float32), labels)
 
 
-def test_the_rule_stops_the_transfer_where_the_head_ranks_no_better_than_the_embedding() -> None:
+def test_the_rules_stop_the_transfer_where_the_head_ranks_no_better_or_is_not_catching_up() -> None:
     better = check_scores(_scores([0, 0, 1, 1]), step=7)  # the head finds all 4, the embedding 2
-    assert (better.head_recall, better.embedding_recall, better.candidates) == (1.0, 0.5, 2) and not better.stop
+    assert (better.head_recall, better.embedding_recall, better.candidates) == (1.0, 0.5, 2)
+    assert not better.no_better and not better.verdict("head_no_better")
     worse = check_scores(_scores([1, 1, 0, 0]), step=7)  # the head finds none
-    assert worse.head_recall == 0.0 and worse.stop
+    assert worse.head_recall == 0.0 and worse.verdict("head_no_better") and not worse.stop
     tie = check_scores(_scores([0, 1, 1, 0]), step=7)  # 2 of 4 each: no better, so it stops
-    assert tie.head_recall == tie.embedding_recall == 0.5 and tie.stop
+    assert tie.head_recall == tie.embedding_recall == 0.5 and tie.verdict("head_no_better")
+    # head_not_catching_up: never at the first check; behind and gaining goes on; behind and not gaining stops
+    assert not tie.verdict("head_not_catching_up")
+    assert not check_scores(_scores([0, 1, 1, 0]), step=9, previous_lead=-0.25).verdict("head_not_catching_up")
+    assert check_scores(_scores([0, 1, 1, 0]), step=9, previous_lead=0.0).verdict("head_not_catching_up")
+    assert not check_scores(_scores([0, 0, 1, 1]), step=9, previous_lead=0.75).verdict("head_not_catching_up")
+    assert not worse.verdict("watch") and not worse.verdict("never")
+
+
+def _check(step: int, head: float, embedding: float, stopped: bool = False) -> dict:
+    return {"step": step, RECORD: {"head_recall@1": head, "embedding_recall@1": embedding, "stopped": stopped}}
 
 
 def test_the_gate_is_due_after_the_warmup_only_and_a_resume_restores_a_stop() -> None:
@@ -50,17 +61,18 @@ def test_the_gate_is_due_after_the_warmup_only_and_a_resume_restores_a_stop() ->
         TransferGate(tiny_config(cia_distill_weight=5.0, cia_distill_stop="never"), objective, with_head, "validation"),
     ):
         assert not inactive.due(5, 10)
-    gate.restore([{"step": 4, RECORD: {"stopped": False}}])
-    assert objective.distillation is not None and gate.due(5, 10)
-    gate.restore([{"step": 4, RECORD: {"stopped": False}}, {"step": 6, RECORD: {"stopped": True}}])
+    gate.restore([_check(4, 0.5, 0.25)])
+    assert objective.distillation is not None and gate.due(5, 10) and gate.previous_lead == 0.25
+    gate.restore([_check(4, 0.5, 0.25), _check(6, 0.25, 0.5, stopped=True)])
     assert gate.stopped_at == 6 and objective.distillation is None and objective.distill_weight == 0.0
     assert not gate.due(8, 10)
     watching = tiny_config(cia_distill_weight=5.0, cia_distill_warmup_steps=4, cia_distill_stop="watch")
     watch = TransferGate(watching, objective, with_head, "validation")
     assert watch.due(5, 10)
-    record = watch.decide(check_scores(_scores([1, 1, 0, 0]), step=5)).as_record()
-    assert record["head_no_better"] and not record["stopped"]  # logged, not acted on
-    assert gate.decide(check_scores(_scores([1, 1, 0, 0]), step=5)).as_record()["stopped"]
+    record = watch.decide(check_scores(_scores([1, 1, 0, 0]), step=5, previous_lead=0.5)).as_record()
+    assert record["head_no_better"] and record["head_not_catching_up"] and not record["stopped"]  # logged only
+    record = gate.decide(check_scores(_scores([1, 1, 0, 0]), step=5)).as_record()
+    assert record["stopped"] and "no better than the embedding" in record["reason"]
 
 
 def test_the_fine_tuning_recipe_watches_the_head_and_the_main_job_does_not(tmp_path) -> None:
@@ -70,7 +82,7 @@ def test_the_fine_tuning_recipe_watches_the_head_and_the_main_job_does_not(tmp_p
         config = tiny_config(**{"dataset": str(tmp_path), **fields})
         fit_recipe(config, labels)
         assert config.cia_distill_stop == expected, fields
-    with pytest.raises(ValueError, match="--cia_distill_stop='sometimes' must be head_no_better, watch or never"):
+    with pytest.raises(ValueError, match="--cia_distill_stop='sometimes': head_no_better, head_not_catching_up, watch"):
         tiny_config(cia_distill_stop="sometimes").validate()
 
 

@@ -142,7 +142,8 @@ class TrainingConfig:
         default=None,
         metadata={
             "help": "head_no_better: the transfer stops (weight 0 from then on) at the first validation evaluation "
-            "after its warm-up where the head alone re-ranks validation no better than the embedding; watch: the same "
+            "after its warm-up where the head alone re-ranks validation no better than the embedding; "
+            "head_not_catching_up: no better and its lead did not grow since the previous check; watch: the same "
             "checks, logged, never acting; never"
         },
     )
@@ -251,8 +252,8 @@ class TrainingConfig:
         )
         need(self.cia_distill_warmup_steps >= 0, "--cia_distill_warmup_steps must be >= 0")
         need(
-            self.cia_distill_stop in (None, "head_no_better", "watch", "never"),
-            f"--cia_distill_stop={self.cia_distill_stop!r} must be head_no_better, watch or never",
+            self.cia_distill_stop in (None, "head_no_better", "head_not_catching_up", "watch", "never"),
+            f"--cia_distill_stop={self.cia_distill_stop!r}: head_no_better, head_not_catching_up, watch or never",
         )
         need(self.reranker_stage_steps >= 0, "--reranker_stage_steps must be >= 0")
         need(
