@@ -57,11 +57,13 @@ class LoadedModel:
         flag: str = "--model",
         option: str = "--rerank_top_k",
         resolved: tuple[str, Any] | None = None,
+        reranker_at: tuple[str, str | None] | None = None,
     ) -> LoadedModel:
         """Load ``model`` (an exported folder, a run folder, a checkpoint or a Hub id) with ``backend``; with
         ``rerank``, its re-ranker too (refused, naming ``option`` and ``flag``, before any weight is read when the
         model has none, or with the ONNX backend). The torch models are moved to ``device`` (default: cpu).
-        ``resolved``: ``resolve_model(model)``'s answer when the caller already has it (it is not asked again)."""
+        ``resolved``: ``resolve_model(model)``'s answer, and ``reranker_at``: where the re-ranker is
+        (``reranker_loading.find_reranker``), when the caller already has them (they are not asked again)."""
         check_backend(backend)
         if rerank and backend != "torch":
             raise ValueError(RERANK_NEEDS_TORCH)
@@ -72,7 +74,7 @@ class LoadedModel:
             source = str(getattr(embedder, "folder", None) or os.fspath(model))
             return cls(embedder, processor, None, source, backend, model_reference(embedder))
         kind, resolved = resolved or resolve_model(model, flag)
-        location = resolved_reranker(kind, resolved, flag=flag) if rerank else None
+        location = (reranker_at or resolved_reranker(kind, resolved, flag=flag)) if rerank else None
         if rerank and location is None:
             raise ValueError(no_reranker_message(model, option, flag))
         embedder, processor = load_resolved_embedder(kind, resolved, flag=flag, given=model)

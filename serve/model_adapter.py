@@ -16,7 +16,7 @@ model loading or image decoding changes this file only:
 - with a re-ranker loaded (``--rerank_top_k``), :meth:`ServedModel.run_batch` runs the loop's
   :func:`~crossmetric.inference.embedding.embeddings_and_reranker_tokens` step instead: the same single backbone pass
   gives each image's embedding and the tokens the re-ranker reads. The re-ranker uses the served embedder (it is
-  loaded with it, :func:`~crossmetric.inference.reranker_loading.load_reranker`): there is no second backbone.
+  loaded with it, in one :class:`~crossmetric.inference.loaded_model.LoadedModel`): there is no second backbone.
 
 The server does not call the loop itself (:func:`~crossmetric.inference.embedding.embed_images`): it has decoded each
 upload already, in its own threads and with its own pixel limit, so that a 422 can name the input before the batch is
@@ -37,9 +37,10 @@ from PIL import Image
 
 from ..data.image_loading import SkippedImages, load_rgb_image
 from ..inference.embedding import embeddings_and_reranker_tokens, model_reference, pooler_output
-from ..inference.loading import load_embedder, resolve_model
+from ..inference.loaded_model import LoadedModel
+from ..inference.loading import resolve_model
 from ..inference.onnx_runtime import OnnxEmbedder
-from ..inference.reranker_loading import Location, find_reranker, load_reranker, reranker_config
+from ..inference.reranker_loading import Location, find_reranker, reranker_config
 from .settings import RERANK_NEEDS_TORCH
 
 Batch = np.ndarray | tuple[np.ndarray, np.ndarray]  # embeddings N × D, or (embeddings, re-ranker tokens N × T × C)
@@ -205,10 +206,10 @@ def load_served_model(
         return ServedModel(
             str(reference), backend, embedder, processor, None, max_image_pixels, model_reference(embedder)
         )
-    embedder, processor = load_embedder(str(reference), backend=backend)
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    embedder = embedder.to(torch_device).eval()
-    loaded = load_reranker(reranker, embedder=embedder).to(torch_device).eval() if reranker is not None else None
+    # the embedder, its processor and the re-ranker sharing it, loaded once (as search and the pipeline load them)
+    loaded = LoadedModel.load(str(reference), rerank=reranker is not None, device=torch_device, reranker_at=reranker)
     return ServedModel(
-        str(reference), backend, embedder, processor, torch_device, max_image_pixels, model_reference(embedder), loaded
-    )
+        str(reference), backend, loaded.embedder, loaded.processor, torch_device, max_image_pixels, loaded.reference,
+        loaded.reranker,
+    )  # fmt: skip
