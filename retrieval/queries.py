@@ -68,6 +68,7 @@ class IndexQueries:
         filter: Mapping[str, Sequence[Any]] | None = None,
         ef_search: int | None = None,
         nprobe: int | None = None,
+        refine: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Raw search: ``(scores, rows)``, both Q × min(k, live items passing ``filter``), best first; rows are global
         row numbers. Queries are L2-normalised first; removed rows and rows outside ``filter`` are skipped inside
@@ -86,10 +87,11 @@ class IndexQueries:
         if k == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         overrides = {"ef_search": ef_search, "nprobe": nprobe}
+        refine = refine or self.params.get("refine")  # ivfpq: k × refine candidates re-scored exactly
         wanted = check_filter(filter)
         if wanted is None and self.removed_count == 0:
             params = search_parameters(self.kind, self.params, overrides, None)
-            results = [s.search(queries, k, params, self.params.get("refine")) for s in self.segments if s.rows]
+            results = [s.search(queries, k, params, refine) for s in self.segments if s.rows]
             if len(results) == 1:
                 scores, rows = results[0]
             else:
@@ -111,7 +113,7 @@ class IndexQueries:
         for segment, selector in zip(self.segments, selectors):
             if segment.rows and selector is not None:
                 params = search_parameters(self.kind, self.params, overrides, selector.faiss)
-                results.append(segment.search(queries, k, params, self.params.get("refine")))
+                results.append(segment.search(queries, k, params, refine))
         scores, rows = merge_top_k([r[0] for r in results], [r[1] for r in results], k)
         short = short_queries(rows, k)
         if len(short):  # an approximate search that missed some passing rows: complete those queries exactly
@@ -161,15 +163,18 @@ class IndexQueries:
         filter: Mapping[str, Sequence[Any]] | None = None,
         ef_search: int | None = None,
         nprobe: int | None = None,
+        refine: int | None = None,
     ) -> list[list[dict[str, Any]]]:
         """For each query row, its ``k`` nearest live items that pass ``filter`` as ``{"id", "label", "score",
         "path"}``, best first.
 
         ``score`` is the inner product of the normalised vectors (cosine similarity). A single 1-D query still
         gives a list with one result list. ``filter``: ``{column: [allowed values]}`` (OR within a column, AND
-        across), applied inside faiss. ``ef_search`` / ``nprobe`` override the HNSW / IVF settings.
+        across), applied inside faiss. ``ef_search`` / ``nprobe`` / ``refine`` override the HNSW / IVF / IVF-PQ
+        settings for this call.
         """
-        scores, rows = self.search_arrays(query_embeddings, k, filter=filter, ef_search=ef_search, nprobe=nprobe)
+        options = {"ef_search": ef_search, "nprobe": nprobe, "refine": refine}
+        scores, rows = self.search_arrays(query_embeddings, k, filter=filter, **options)
         found = self._row_records(rows.ravel(), ("id", "label", "path"))
         results, position = [], 0
         for score_row, row_row in zip(scores.tolist(), rows.tolist()):
