@@ -126,7 +126,7 @@ def test_index_ids_labels_and_paths_are_data_never_file_names(tmp_path) -> None:
     folder = index.save(tmp_path / "out" / "index")
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [
         Path("out"), Path("out/index"), *(Path("out/index") / n for n in sorted(
-            ["embeddings.safetensors", "index.faiss", "metadata.json"]))
+            ["idhash-000001.npy", "index-000001.faiss", "items-000001.arrow", "metadata.json"]))  # format 2
     ]  # fmt: skip
     assert EmbeddingIndex.load(folder).ids == hostile
     assert not Path("/tmp/crossmetric-escaped-id").exists()
