@@ -32,6 +32,7 @@ def _scores(head_first: list[int]) -> CandidateScores:
 def test_the_rules_stop_the_transfer_where_the_head_ranks_no_better_or_is_not_catching_up() -> None:
     better = check_scores(_scores([0, 0, 1, 1]), step=7)  # the head finds all 4, the embedding 2
     assert (better.head_recall, better.embedding_recall, better.candidates) == (1.0, 0.5, 2)
+    assert better.fused_recall == 1.0  # the best fusion of head and cosine on the same candidates
     assert not better.no_better and not better.verdict("head_no_better")
     worse = check_scores(_scores([1, 1, 0, 0]), step=7)  # the head finds none
     assert worse.head_recall == 0.0 and worse.verdict("head_no_better") and not worse.stop

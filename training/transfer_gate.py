@@ -15,7 +15,16 @@ and its Recall@1 over those candidates is compared with the embedding's own Reca
   (step 78 of 312: head alone 0.737, embedding 0.765), because the head starts behind and overtakes later (+2.8
   Recall@1 head alone over the embedding on test at the end, 5 seeds). So it is not any recipe's default.
 - ``head_not_catching_up``: stop at a check where the head is no better *and* its lead over the embedding did not
-  grow since the previous check (a head behind and not catching up). The earliest stop is at the second check.
+  grow since the previous check (a head behind and not catching up). The earliest stop is at the second check. On
+  emoji seed 0 it fires too, at step 195 (the lead, head alone − embedding on validation, was −2.84, −2.05, −1.10,
+  −1.42, −0.95 points at steps 78 to 234).
+
+Why both fire where the transfer helps: the transfer pulls the embedding towards the head, so a head compared with
+the student it teaches looks no better while it is teaching well (emoji seed 0: with the transfer stopped at step
+78 the head alone led the embedding by +2.8 Recall@1 on validation at the selected step; with it running, the head
+stayed behind all along). Head minus student cannot tell emoji from the folder where the head was weak (−3.5 and
+−2.7 at the end there). Each check also logs the fused re-ranker's Recall@1 on the same candidates, the figure a
+better rule may need.
 - ``watch`` (the fine-tuning recipe's default): the same checks, logged with both verdicts, acting on nothing.
 
 When a rule fires the transfer's weight is 0 from then on (the embedder then trains as with the head detached and no
@@ -36,7 +45,7 @@ from typing import Any
 import torch
 from accelerate.utils import broadcast_object_list
 
-from ..evaluation.rerank_fusion import CandidateScores, candidate_scores
+from ..evaluation.rerank_fusion import CandidateScores, candidate_scores, choose_fusion
 from ..evaluation.reranking import head_inputs
 
 logger = logging.getLogger(__name__)
@@ -57,6 +66,7 @@ class TransferCheck:
     candidates: int
     previous_lead: float | None = None
     stop: bool = False
+    fused_recall: float | None = None  # the re-ranker's fused score (best alpha on these scores): logged, not judged
 
     @property
     def lead(self) -> float:
@@ -82,6 +92,7 @@ class TransferCheck:
             "embedding_recall@1": self.embedding_recall,
             "candidates": self.candidates,
             "previous_lead": self.previous_lead,
+            "fused_recall@1": self.fused_recall,
             "head_no_better": self.no_better,
             "head_not_catching_up": self.not_catching_up,
             "stopped": self.stop,
@@ -95,7 +106,8 @@ def check_scores(scores: CandidateScores, step: int, previous_lead: float | None
     """The figures of one check from a split's candidate scores (:func:`~crossmetric.evaluation.rerank_fusion.
     candidate_scores`); ``stop`` is left False for :meth:`TransferGate.decide`."""
     head, embedding = scores.recall_at_1(0.0), scores.recall_at_1(None)  # alpha 0: the head's score alone
-    return TransferCheck(step, head, embedding, scores.neighbours.shape[1], previous_lead)
+    fused = choose_fusion(scores)["validation"]["rerank/recall@1"]
+    return TransferCheck(step, head, embedding, scores.neighbours.shape[1], previous_lead, fused_recall=fused)
 
 
 def stop_reason(record: dict[str, Any]) -> str:
