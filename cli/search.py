@@ -72,6 +72,7 @@ def run_search(ns: argparse.Namespace) -> int:
 
     apply_progress(ns.progress)
     try:
+        milvus = check_target(ns, "--index", required=False)  # the flags and the extra, before anything else
         kind, model = resolve_model(ns.model)
         if kind == "checkpoint":
             raise ValueError(
@@ -95,7 +96,7 @@ def run_search(ns: argparse.Namespace) -> int:
             import torch
 
             device = "cuda" if torch.cuda.is_available() and ns.backend == "torch" else "cpu"
-        index = open_milvus_index(ns) if check_target(ns, "--index", required=False) else ns.index
+        index = open_milvus_index(ns) if milvus else ns.index
         # resolved, checked for a re-ranker and loaded once (the re-ranker's refusal comes before any weight is read)
         loaded = LoadedModel.load(
             ns.model, backend=ns.backend, rerank=rerank_top_k is not None, device=device, resolved=(kind, model)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..retrieval.compatibility import check_index_for_model
 from .batching import DynamicBatcher
 from .errors import ServeError
 from .index_watch import IndexWatch, LoadedIndex, find_index
@@ -98,6 +99,13 @@ class Runtime:
         self._pool.shutdown(wait=False, cancel_futures=True)
         logger.info("Stopped: the requests in flight were answered.")
 
+    def _check_index(self, index: Any) -> None:
+        """Refuse (at load and at each reload) an index built by another model, naming both, and, when re-ranking,
+        one without the re-ranker's head tokens."""
+        check_index_for_model(index, self.model.reference if self.model is not None else {})
+        if self.reranking is not None:
+            self.reranking.check_index(index)
+
     async def _load(self) -> None:
         s = self.settings
         try:
@@ -117,9 +125,8 @@ class Runtime:
             self.batcher.start()
             self.thumbnails = Thumbnails(self.model.decode)
             self.index_watch = IndexWatch(
-                location, watch, self.model.embedding_dim, s.index_poll_interval, self._on_index,
-                self.reranking.check_index if self.reranking is not None else None,
-            )  # fmt: skip
+                location, watch, self.model.embedding_dim, s.index_poll_interval, self._on_index, self._check_index
+            )
             await asyncio.to_thread(self.index_watch.load)
             warm = [RawImage("warm-up", warmup_image(self.model.image_size))]
             for count in sorted({1, s.max_batch_size}):
