@@ -103,7 +103,7 @@ def run_index_build(ns: argparse.Namespace) -> int:
     from ..retrieval.build import build_index_distributed, build_index_sharded
 
     apply_progress(ns.progress)
-    milvus = run_if_milvus(ns, "index build", "--output_dir")
+    milvus = run_if_milvus(ns, "index build", "--output_dir", load_images)
     if milvus is not None:
         return milvus
     try:

@@ -106,7 +106,7 @@ def _load(folder: Path) -> Any:
 
 def run_index_add(ns: argparse.Namespace) -> int:
     """Embed ``--images`` with the index's model and add them; print what was added."""
-    milvus = run_if_milvus(ns, "index add", "--index")
+    milvus = run_if_milvus(ns, "index add", "--index", load_images)
     if milvus is not None:
         return milvus
     from ..retrieval.build import embed_for_index
@@ -143,7 +143,7 @@ def run_index_add(ns: argparse.Namespace) -> int:
 
 def run_index_remove(ns: argparse.Namespace) -> int:
     """Remove the ids; print how many were in the index."""
-    milvus = run_if_milvus(ns, "index remove", "--index")
+    milvus = run_if_milvus(ns, "index remove", "--index", read_ids)
     if milvus is not None:
         return milvus
     try:

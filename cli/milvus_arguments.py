@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,21 +100,22 @@ def check_uri(uri: str) -> str:
     return uri
 
 
-def run_if_milvus(ns: argparse.Namespace, command: str, folder: str) -> int | None:
+def run_if_milvus(
+    ns: argparse.Namespace, command: str, folder: str, read: Callable[[argparse.Namespace], Any] | None = None
+) -> int | None:
     """When ``--milvus`` is given, run ``command`` (``index build | add | remove | info``) against the collection and
-    return its exit code; else None (the command goes on with its ``folder`` option). Bad flags: exit code 2."""
+    return its exit code; else None (the command goes on with its ``folder`` option). ``read``: the command's own
+    reading of its input (``build``/``add``: the images, ``remove``: the ids), passed in so that this module imports
+    no command. Bad flags or input: exit code 2."""
     try:
         if not check_target(ns, folder):
             return None
-        if command in ("index build", "index add"):
-            from .index import load_images
-
-            images = load_images(ns)
+        given = read(ns) if read is not None else None
     except (ValueError, FileNotFoundError, ImportError) as error:
         return report_error(command, error)
     if command in ("index build", "index add"):
-        return run_milvus_build(ns, images, must_exist=command == "index add", command=command)
-    return run_milvus_change(ns, command)
+        return run_milvus_build(ns, given, must_exist=command == "index add", command=command)
+    return run_milvus_change(ns, command, given)
 
 
 def token(ns: argparse.Namespace) -> str | None:
@@ -188,14 +190,11 @@ def _device(ns: argparse.Namespace) -> str:
     return "cuda" if torch.cuda.is_available() and ns.backend == "torch" else "cpu"
 
 
-def run_milvus_change(ns: argparse.Namespace, command: str) -> int:
-    """``index remove`` and ``index info`` against the collection."""
+def run_milvus_change(ns: argparse.Namespace, command: str, ids: list[str] | None = None) -> int:
+    """``index remove`` (of ``ids``) and ``index info`` against the collection."""
     try:
         index = open_milvus_index(ns)
         if command == "index remove":
-            from .index_changes import read_ids
-
-            ids = read_ids(ns)
             removed = index.remove(ids)
             absent = len(set(ids)) - removed
             note = f" ({absent} ids were not in it)" if absent else ""
