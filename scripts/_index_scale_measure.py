@@ -44,14 +44,14 @@ def loader(spec: dict):
         from crossmetric.retrieval.index import EmbeddingIndex
 
         index = EmbeddingIndex.load(spec["path"])
-        params = {"nprobe": spec["nprobe"]} if spec.get("nprobe") else {}
+        params = {key: spec[key] for key in ("nprobe", "refine") if spec.get(key)}
 
         def search(q, k, nprobe=None, refine=None):
             extra = dict(params)
             if nprobe:
                 extra["nprobe"] = nprobe
             if refine:
-                index.params["refine"] = refine
+                extra["refine"] = refine
             return index.search_arrays(q, k, **extra)[1]
 
         return search, index

@@ -138,13 +138,14 @@ def build_ivfpq_module(work: Path, folder: Path, max_memory: str, refine: int) -
 def build_api(work: Path, folder: Path, kind: str, max_memory: str) -> dict:
     """The public builder: ``IndexBuilder`` fed chunk by chunk (ids are the row numbers as strings)."""
     from crossmetric.retrieval.builder import IndexBuilder
+    from crossmetric.retrieval.index import EmbeddingIndex
 
     base = np.load(work / "base.npy", mmap_mode="r")
     options = {"max_memory": max_memory} if kind == "ivfpq" else {}
     with IndexBuilder(folder, kind=kind, progress=True, **options) as builder:
         for vectors, rows in chunks(base):
             builder.append(vectors, [str(row) for row in rows.tolist()])
-        index = builder.finish()
+        index = EmbeddingIndex.load(builder.finish())
     record = {"params": index.params, "calibration": index.calibration}
     del index
     return record
@@ -216,7 +217,7 @@ def describe(result: dict) -> str:
     build = result.get("build", {})
     if result["kind"].startswith("autofaiss"):
         return f"{build.get('index_key')} `{build.get('index_param')}`"
-    params = build.get("params") or {}
+    params = (build.get("params") or {}) | result.get("search", {})
     if "layout" in build:
         params = build["layout"] | {"nprobe": build["nprobe"], "refine": build["refine"]}
     keys = ("factory", "nlist", "nprobe", "refine", "ef_search")
@@ -258,7 +259,7 @@ def projection(results: list[dict], count: int = 10**9) -> list[str]:
 
 
 def write_report(out: Path) -> None:
-    results = [json.loads(p.read_text()) for p in sorted(out.glob("*_*.json"))]
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("[0-9]*_*.json"))]
     lines = [
         "# Index kinds at scale (`scripts/benchmark_index_scale.py`)",
         "",
@@ -272,7 +273,7 @@ def write_report(out: Path) -> None:
     ]
     for r in sorted(results, key=lambda r: (r["count"], r["kind"], r.get("via", ""))):
         if "failed" in r:
-            lines.append(f"| {r['count']:.0e} | {r['kind']} | | failed: {r['failed'][-150:]!r} | | | | | | | | |")
+            lines.append(f"| {r['count']:.0e} | {r['kind']} | | failed (see the notes) | | | | | | | | |")
             continue
         lines.append(
             f"| {r['count']:.0e} | {r['kind']} | {r['via']} | {r['build_s']:.0f} | {r['disk_bytes_per_item']:.1f} | "
@@ -280,6 +281,25 @@ def write_report(out: Path) -> None:
             f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['qps_batch64']:.0f} | {r['recall_at_10']:.3f} | "
             f"{describe(r)} |"
         )
+    notes = [f"- {r['count']:.0e} {r['kind']}: {r.get('explanation') or r['build']['note']}" for r in results
+             if r.get("explanation") or (r.get("build") or {}).get("note")]  # fmt: skip
+    lines += ["", "Notes:", "", *notes] if notes else []
+    glyphs = out / "glyphs_index_build.json"
+    if glyphs.exists():
+        record = json.loads(glyphs.read_text())
+        lines += [
+            "",
+            f"`crossmetric index build` on the glyph gallery ({record['gallery']}, model {record['model']}):",
+            "",
+        ]
+        for row in record["rows"]:
+            if "failed" in row:
+                lines.append(f"- {row['processes']} process(es): failed: {row['failed'][-300:]!r}")
+            else:
+                speed = f"**{row['images_per_s']:.0f} images/s** (load average {row['load_avg'][0]:.1f})"
+                lines.append(
+                    f"- {row['processes']} process(es): {row['images']:,} images in {row['wall_s']:.0f} s, {speed}"
+                )
     lines += ["", *projection(results)]
     sweeps = [r for r in results if r.get("sweep")]
     for r in sweeps:
@@ -293,6 +313,38 @@ def write_report(out: Path) -> None:
             cells = [f"{cell[probe, x]['recall_at_10']:.3f} / {cell[probe, x]['ms']:.2f}" for x in refines]
             lines.append(f"| {probe} | " + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def images_build(model: str, gallery: str, out: Path, work: Path) -> None:
+    """images/s of ``crossmetric index build`` on ``gallery`` with 1 process and with 2 (``accelerate launch``), one
+    thread each, shards of 2,000 images (fresh output folders: a rerun would reuse finished shards)."""
+    from datasets import load_from_disk
+
+    count = len(load_from_disk(gallery))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    build = ["index", "build", "--model", model, "--images", gallery, "--shard_size", "2000"]
+    rows = []
+    for processes in (1, 2):
+        target = work / f"glyph-index-{processes}p-{os.getpid()}"
+        if processes == 1:
+            command = [sys.executable, "-m", "crossmetric.cli", *build, "--output_dir", str(target)]
+        else:
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                       "-m", "crossmetric.cli", *build, "--output_dir", str(target)]  # fmt: skip
+        log(f"index build, {processes} process(es): {' '.join(command)}")
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        seconds = time.perf_counter() - start
+        if done.returncode:
+            rows.append({"processes": processes, "failed": done.stderr[-2000:]})
+            continue
+        rows.append({"processes": processes, "images": count, "wall_s": seconds, "images_per_s": count / seconds,
+                     "load_avg": os.getloadavg()})  # fmt: skip
+        log(f"{rows[-1]}")
+    (out / "glyphs_index_build.json").write_text(
+        json.dumps({"model": model, "gallery": gallery, "rows": rows}, indent=1)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,7 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="ivfpq: also sweep nprobe × refine (recall, ms/query)")
     parser.add_argument("--autofaiss_python", default="/work/bench/afenv/bin/python")
     parser.add_argument("--report", action="store_true", help="only rewrite results.md from the JSON files in --out")
+    parser.add_argument("--images_build", nargs=2, metavar=("MODEL", "GALLERY"), help="only time `index build`")
     args = parser.parse_args(argv)
+    if args.images_build:
+        images_build(*args.images_build, args.out, args.work or Path("/work/bench"))
+        args.report = True
     if args.report:
         write_report(args.out)
         return 0
