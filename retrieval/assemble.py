@@ -12,6 +12,7 @@ import numpy as np
 
 from . import kinds
 from .columns import read_table
+from .queries import IndexQueries
 from .segments import Segment
 from .storage import TRAINED_FILE
 
@@ -20,7 +21,6 @@ def assemble(builder: Any, lookup: np.ndarray) -> str:
     """Write the builder's faiss index (and, for IVF kinds, its on-disk lists and trained template) into its
     staging folder; the manifest's text."""
     from .folder import manifest
-    from .index import EmbeddingIndex
 
     staging, names, kind, count = builder.staging, builder.names, builder.kind, builder.count
     options = dict(builder.options)
@@ -29,7 +29,7 @@ def assemble(builder: Any, lookup: np.ndarray) -> str:
     token_info = None
     if builder.tokens is not None:
         token_info = (list(builder.tokens.inner), builder.token_stage)
-    index = EmbeddingIndex.__new__(EmbeddingIndex)
+    index = IndexQueries()  # the per-index state the manifest and the kinds' builders read
     index._setup(kind, builder.dim, params, None, builder.model, token_info)
     files = [names["items"], names["index"], names["idhash"]] + ([names["tokens"]] if token_info else [])
     trained_name = None

@@ -112,7 +112,7 @@ def _assemble(
             )  # fmt: skip
         if builder.count == 0:
             raise ValueError(f"none of the {folder.plan.count} images could be decoded.")
-        return builder.finish()
+        return EmbeddingIndex.load(builder.finish())
 
 
 def build_index_sharded(

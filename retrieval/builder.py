@@ -27,6 +27,7 @@ from .head_tokens import HeadTokens
 from .idhash import hash_ids
 from .kinds import flat_header
 from .storage import KINDS, METADATA_FILE, SEGMENT_FILES
+from .vectors import normalise_rows
 
 SEGMENT = "000001"
 _NPY_HEADER = 128
@@ -139,8 +140,6 @@ class IndexBuilder:
         head_tokens: Any = None,
     ) -> None:
         """Append one chunk of items (ids unique over all chunks; checked within the chunk now, across at the end)."""
-        from .index import normalise_rows
-
         vectors = normalise_rows(embeddings, "embeddings")
         if self.dim is not None and vectors.shape[1] != self.dim:
             raise ValueError(f"embeddings have dimension {vectors.shape[1]}, earlier chunks {self.dim}.")
@@ -173,15 +172,16 @@ class IndexBuilder:
             self.writer.close()
         shutil.rmtree(self.staging, ignore_errors=True)
 
-    def finish(self) -> Any:
-        """Build the faiss index, write the manifest, swap the folder in; the index, loaded (memory-mapped)."""
+    def finish(self) -> Path:
+        """Build the faiss index, write the manifest, swap the folder in; the folder (open it with
+        ``EmbeddingIndex.load``: this module does not import the index class, which builds through it)."""
         try:
             return self._finish()
         except BaseException:
             self.abort()
             raise
 
-    def _finish(self) -> Any:
+    def _finish(self) -> Path:
         from ..modeling.modeling_crossmetric import replace_directory
         from .assemble import assemble
 
@@ -204,9 +204,7 @@ class IndexBuilder:
         meta = assemble(self, lookup)
         write_atomic(self.staging / METADATA_FILE, meta)
         replace_directory(self.staging, self.target)
-        from .index import EmbeddingIndex
-
-        return EmbeddingIndex.load(self.target)
+        return self.target
 
 
 def build_lookup_from_hashes(hashes: np.ndarray) -> np.ndarray:
@@ -230,10 +228,10 @@ def _check_unique(lookup: np.ndarray, items: Path) -> None:
 
 
 def from_shards(
-    cls: Any, directory: str | os.PathLike, shards: Iterable[Mapping[str, Any]], *, kind: str = "exact", **options: Any
-) -> Any:
-    """An index folder built from ``shards`` (mappings with ``embeddings``, ``ids`` and optionally ``labels``,
-    ``paths``, ``metadata``, ``head_tokens``) by an :class:`IndexBuilder`; returned loaded."""
+    directory: str | os.PathLike, shards: Iterable[Mapping[str, Any]], *, kind: str = "exact", **options: Any
+) -> Path:
+    """The index folder built from ``shards`` (mappings with ``embeddings``, ``ids`` and optionally ``labels``,
+    ``paths``, ``metadata``, ``head_tokens``) by an :class:`IndexBuilder`."""
     with IndexBuilder(directory, kind=kind, **options) as builder:
         for shard in shards:
             builder.append(

@@ -40,26 +40,12 @@ from .head_tokens import HeadTokens
 from .kinds import DEFAULT_EF_CONSTRUCTION, DEFAULT_HNSW_M, DEFAULT_TARGET_RECALL, default_nlist, initial_params
 from .queries import IndexQueries
 from .storage import KINDS
+from .vectors import normalise_rows
 
-__all__ = ["EmbeddingIndex", "default_nlist", "DEFAULT_HNSW_M", "DEFAULT_EF_CONSTRUCTION", "DEFAULT_TARGET_RECALL"]
-
-
-def normalise_rows(array: Any, name: str) -> np.ndarray:
-    """float32, 2-D, finite, each row scaled to unit L2 norm (zero rows are an error); a copy of the input."""
-    matrix = np.array(array, dtype=np.float32, copy=True)
-    if matrix.ndim == 1:
-        matrix = matrix[None, :]
-    if matrix.ndim != 2 or matrix.shape[1] == 0:
-        raise ValueError(f"{name} must be a 2-D array (N × D), got shape {matrix.shape}.")
-    if not np.isfinite(matrix).all():
-        bad = int(np.flatnonzero(~np.isfinite(matrix).all(axis=1))[0])
-        raise ValueError(f"{name} row {bad} holds NaN or infinite values.")
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise ValueError(f"{name} row {int(np.flatnonzero(norms[:, 0] == 0)[0])} is all zeros: it has no direction.")
-    if np.all(np.abs(norms - 1) <= 1e-5):  # already unit length: keep the exact bits (a loaded index stays identical)
-        return np.ascontiguousarray(matrix)
-    return np.ascontiguousarray(matrix / norms)
+__all__ = [
+    "EmbeddingIndex", "normalise_rows", "default_nlist", "DEFAULT_HNSW_M", "DEFAULT_EF_CONSTRUCTION",
+    "DEFAULT_TARGET_RECALL",
+]  # fmt: skip
 
 
 class EmbeddingIndex(IndexQueries):
@@ -119,24 +105,6 @@ class EmbeddingIndex(IndexQueries):
         self.calibration = found or self.calibration
         self._set_segments([segment], np.zeros(0, np.uint8))
 
-    def _setup(
-        self,
-        kind: str,
-        dim: int,
-        params: dict[str, Any],
-        calibration: dict[str, Any] | None,
-        model: dict[str, Any],
-        token_info: tuple[list[int], str | None] | None,
-    ) -> None:
-        """The per-index state every constructor path sets (nothing per item)."""
-        self.kind, self.dim, self.params, self.calibration, self.model = kind, dim, params, calibration, model
-        self.token_shape, self.token_stage = (None, None) if token_info is None else token_info
-        self.folder: Path | None = None
-        self.generation = 0
-        self.next_segment = 1
-        self.trained: Any = None  # IVF kinds: the trained, empty faiss index new segments are encoded with
-        self.bound_files: set[str] = set()  # the files the folder's current manifest names
-
     @classmethod
     def from_gallery(cls, gallery: Any, kind: str = "exact", **kwargs: Any) -> EmbeddingIndex:
         """The index over a :class:`~.gallery.Gallery` (embedded images and metadata); ``kwargs``: index settings.
@@ -192,7 +160,7 @@ class EmbeddingIndex(IndexQueries):
         index settings. Returns the index, loaded from the folder."""
         from .builder import from_shards
 
-        return from_shards(cls, directory, shards, kind=kind, **options)
+        return cls.load(from_shards(directory, shards, kind=kind, **options))
 
     def __repr__(self) -> str:
         return f"EmbeddingIndex(kind={self.kind!r}, count={len(self)}, dim={self.dim}, params={self.params})"

@@ -9,6 +9,7 @@ tokens of the candidates of a re-rank.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,10 +21,12 @@ from .idhash import candidates, hash_ids
 from .kinds import search_parameters, uses_global_ids
 from .segments import Segment
 from .selection import EXHAUSTIVE_BELOW, Selector, bits_of, exhaustive, merge_top_k, short_queries, unpack
+from .vectors import normalise_rows
 
 
 class IndexQueries:
-    """Mixin: what :class:`~.index.EmbeddingIndex` answers from its ``segments`` and ``removed`` bitmap."""
+    """What :class:`~.index.EmbeddingIndex` answers from its ``segments`` and ``removed`` bitmap, and the per-index
+    state every constructor path sets (:meth:`_setup`; a builder fills one of these for the manifest)."""
 
     kind: str
     dim: int
@@ -33,6 +36,24 @@ class IndexQueries:
     token_stage: str | None
     segments: list[Segment]
     removed: np.ndarray  # packed bitmap over the global rows (1 = removed)
+
+    def _setup(
+        self,
+        kind: str,
+        dim: int,
+        params: dict[str, Any],
+        calibration: dict[str, Any] | None,
+        model: dict[str, Any],
+        token_info: tuple[list[int], str | None] | None,
+    ) -> None:
+        """The per-index state every constructor path sets (nothing per item)."""
+        self.kind, self.dim, self.params, self.calibration, self.model = kind, dim, params, calibration, model
+        self.token_shape, self.token_stage = (None, None) if token_info is None else token_info
+        self.folder: Path | None = None
+        self.generation = 0
+        self.next_segment = 1
+        self.trained: Any = None  # IVF kinds: the trained, empty faiss index new segments are encoded with
+        self.bound_files: set[str] = set()  # the files the folder's current manifest names
 
     def _set_segments(self, segments: list[Segment], removed: np.ndarray) -> None:
         start = 0
@@ -73,8 +94,6 @@ class IndexQueries:
         """Raw search: ``(scores, rows)``, both Q × min(k, live items passing ``filter``), best first; rows are global
         row numbers. Queries are L2-normalised first; removed rows and rows outside ``filter`` are skipped inside
         faiss. A query for which an approximate index found fewer than k is completed by exact scoring."""
-        from .index import normalise_rows
-
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}.")
         queries = normalise_rows(query_embeddings, "query_embeddings")
