@@ -14,11 +14,13 @@ The steps, in the order a build calls them:
 2. :func:`train_ivf` trains an empty index on a sample (:func:`training_sample_size` says how large). Above
    ``TWO_LEVEL_MIN_NLIST`` lists the coarse centroids come from faiss' two-level k-means
    (``faiss.contrib.clustering.two_level_clustering``): sqrt(nlist) clusters, then each split again, which costs
-   about sqrt(nlist) times less than one k-means with nlist centroids and loses little (faiss' ``bench_ivf_2level``).
+   about sqrt(nlist) times less than one k-means with nlist centroids.
 3. :func:`write_ondisk` encodes the vectors chunk by chunk into in-memory shards of at most ``shard_items`` codes,
    writes each shard to a temporary file, and merges the shards' lists into ``stem.ivfdata`` with faiss' own
    ``faiss.contrib.ondisk.merge_ondisk`` (shards read with ``IO_FLAG_MMAP``, the merged file written through a
-   memory map). The faiss ids are the int64 global row numbers given with each chunk.
+   memory map). The faiss ids are the int64 global row numbers given with each chunk. From
+   4,096 lists on, vectors are assigned to lists through groups of centroids (:mod:`.ivfpq_assign`) instead of
+   being compared with all of them.
 4. :func:`search_refined` asks the index for ``k × refine`` candidates and re-scores them exactly against the
    float16 embeddings (memory-mapped by the caller), so the scores returned are exact dot products.
 
@@ -27,7 +29,8 @@ Limits of faiss' on-disk lists, and why an on-disk index is written once and nev
 - Adding to a merged on-disk index is "supported but so inefficient that it is not practically usable"
   (faiss#2876, faiss#1258: "Adding to an on-disk index is not supported"); ``add_with_ids``, ``merge_from`` and
   ``merge_into`` on an index with an ``.ivfdata`` file can leave it inconsistent (faiss#3498).
-- ``remove_ids`` on an index read with ``IO_FLAG_ONDISK_SAME_DIR`` removes nothing and returns 0 (faiss#2315).
+- ``remove_ids`` on an index read with ``IO_FLAG_ONDISK_SAME_DIR`` is reported to remove nothing and return 0
+  (faiss#2315).
 - ``merge_from_multiple`` only concatenates lists; faiss' ``shift_ids`` renumbers per shard, which we do not need
   because every shard already carries global row numbers.
 
@@ -41,7 +44,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -52,6 +54,8 @@ import numpy as np
 from faiss.contrib.clustering import two_level_clustering
 from faiss.contrib.ondisk import merge_ondisk
 from tqdm.auto import tqdm
+
+from .ivfpq_assign import GroupAssigner, group_assigner
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +75,6 @@ MIN_POINTS_PER_LIST = 39  # faiss warns below 39 training points per centroid
 TRAIN_POINTS_PER_LIST = 64  # sample size for the coarse k-means, per list
 PQ_TRAIN_POINTS = 2**14  # codebook training rows: 64 per centroid of an 8-bit sub-quantiser (faiss' minimum is 39)
 PQ_TRAIN_NITER = 10  # k-means iterations per sub-quantiser (faiss' default 25): 4-d sub-spaces converge quickly
-FAST_ASSIGN_MIN_NLIST = 4096  # from here on, vectors are assigned to lists through an IVF over the centroids
-ASSIGN_NPROBE = 8  # groups of centroids searched per vector by that assigner
 TWO_LEVEL_MIN_NLIST = 1024
 MAX_NLIST = 2**18
 DEFAULT_SHARD_ITEMS = 2**20  # codes held in memory before a shard is written out (2^20 × 72 B ≈ 75 MB at PQ64)
@@ -274,7 +276,7 @@ def write_ondisk(
     with tempfile.TemporaryDirectory(dir=folder, prefix=f".{stem}.shards-") as scratch:
         shards: list[str] = []
         shard = faiss.clone_index(trained)
-        assigner = _assigner(trained)
+        assigner = group_assigner(trained)
         bar = tqdm(desc=f"encoding {stem}", unit="vec", disable=not progress)
         for number, (vectors, ids) in enumerate(chunks):
             x, rows = _chunk(vectors, ids, trained.d, number)
@@ -318,62 +320,7 @@ def _chunk(vectors: np.ndarray, ids: np.ndarray, dim: int, number: int) -> tuple
     return x, rows
 
 
-class _GroupAssigner:
-    """Assigns vectors to lists approximately, for many lists: the centroids are grouped by k-means into sqrt(nlist)
-    groups; a vector is compared with every group's mean, then only with the centroids of its ``ASSIGN_NPROBE`` best
-    groups, group by group with matrix products. At 16,384 lists that is 128 + 8 × 128 dot products per vector
-    instead of 16,384 (the flat quantizer took 265 s per 10^6 vectors on this 2-core machine; faiss' own IVF over the
-    centroids scans list by list without BLAS and was no faster). A vector whose best list is missed lands in a
-    near-best one (96 % agree at 4,096 lists), where a search that probes that list still finds it."""
-
-    def __init__(self, centroids: np.ndarray, metric: int, nprobe: int) -> None:
-        nlist, dim = centroids.shape
-        groups = max(1, int(math.sqrt(nlist)))
-        kmeans = faiss.Kmeans(dim, groups, niter=10, seed=1234)
-        kmeans.train(centroids)
-        _, group_of = kmeans.index.search(centroids, 1)
-        self.means = kmeans.centroids
-        self.members = [np.flatnonzero(group_of[:, 0] == g) for g in range(groups)]
-        self.centroids = centroids
-        self.offsets = -0.5 * (centroids**2).sum(1) if metric == faiss.METRIC_L2 else np.zeros(nlist, np.float32)
-        self.nprobe = min(nprobe, groups)
-
-    def assign(self, x: np.ndarray) -> np.ndarray:
-        """The list of each row of ``x`` (int64)."""
-        closeness = x @ self.means.T - 0.5 * (self.means**2).sum(1)  # -||x - mean||² / 2 up to a per-row constant
-        top = np.argpartition(-closeness, self.nprobe - 1, axis=1)[:, : self.nprobe]
-        best = np.full(len(x), -np.inf, np.float32)
-        lists = np.zeros(len(x), np.int64)
-        pairs = np.argsort(top, axis=None, kind="stable")  # (row, group) pairs sorted by group
-        rows_of_pairs, groups_of_pairs = pairs // self.nprobe, top.ravel()[pairs]
-        bounds = np.searchsorted(groups_of_pairs, np.arange(len(self.members) + 1))
-        for group, members in enumerate(self.members):
-            rows = rows_of_pairs[bounds[group] : bounds[group + 1]]
-            if not len(rows) or not len(members):
-                continue
-            scores = x[rows] @ self.centroids[members].T + self.offsets[members]
-            pick = scores.argmax(1)
-            score = scores[np.arange(len(rows)), pick]
-            better = score > best[rows]
-            best[rows[better]] = score[better]
-            lists[rows[better]] = members[pick[better]]
-        return lists
-
-
-def _assigner(trained: faiss.Index) -> _GroupAssigner | None:
-    """A :class:`_GroupAssigner` from ``FAST_ASSIGN_MIN_NLIST`` lists on; None below, or for inner product with
-    centroids of unequal norms (there the L2 groups would not hold the best list)."""
-    ivf = faiss.extract_index_ivf(trained)
-    if ivf.nlist < FAST_ASSIGN_MIN_NLIST:
-        return None
-    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-    norms = np.linalg.norm(centroids, axis=1)
-    if ivf.metric_type != faiss.METRIC_L2 and not np.allclose(norms, norms[0], rtol=1e-3):
-        return None
-    return _GroupAssigner(centroids, ivf.metric_type, ASSIGN_NPROBE)
-
-
-def _add(shard: faiss.Index, x: np.ndarray, rows: np.ndarray, assigner: _GroupAssigner | None) -> None:
+def _add(shard: faiss.Index, x: np.ndarray, rows: np.ndarray, assigner: GroupAssigner | None) -> None:
     if assigner is None:
         shard.add_with_ids(x, rows)
         return
@@ -442,12 +389,3 @@ def search_refined(
     best = np.take_along_axis(found, order, axis=1)
     best[~np.isfinite(scores)] = -1
     return scores, best
-
-
-def remove_stale(folder: str | os.PathLike, stem: str) -> None:
-    """Remove ``stem.faiss``, ``stem.ivfdata`` and leftover shard folders of an interrupted :func:`write_ondisk`."""
-    folder = Path(folder)
-    for path in (folder / f"{stem}.faiss", folder / f"{stem}.ivfdata"):
-        path.unlink(missing_ok=True)
-    for scratch in folder.glob(f".{stem}.shards-*"):
-        shutil.rmtree(scratch, ignore_errors=True)

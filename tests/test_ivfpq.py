@@ -138,12 +138,16 @@ def test_parse_memory_reads_units_and_names_bad_input():
 
 
 def test_many_lists_are_filled_through_the_fast_assigner_and_still_search_well(tmp_path, monkeypatch, data):
-    import crossmetric.retrieval.ivfpq as ivfpq
+    import crossmetric.retrieval.ivfpq_assign as assign
 
-    monkeypatch.setattr(ivfpq, "FAST_ASSIGN_MIN_NLIST", 16)
-    monkeypatch.setattr(ivfpq, "ASSIGN_NPROBE", 2)  # 2 of 8 groups of centroids: approximate
+    monkeypatch.setattr(assign, "FAST_ASSIGN_MIN_NLIST", 16)
+    monkeypatch.setattr(assign, "ASSIGN_NPROBE", 2)  # 2 of 8 groups of centroids: approximate
+    calls = []
+    original = assign.GroupAssigner.assign
+    monkeypatch.setattr(assign.GroupAssigner, "assign", lambda self, x: calls.append(len(x)) or original(self, x))
     trained = train_ivf(data, "IVF64,PQ8x4")
     path = write_ondisk(trained, [(data, np.arange(COUNT))], tmp_path, "index-0")
+    assert sum(calls) == COUNT  # every vector went through the group assigner
     index = read_ondisk(path)
     assert index.ntotal == COUNT
     exact = faiss.clone_index(trained)  # the same centroids, every vector in its best list
