@@ -160,3 +160,23 @@ def test_a_head_off_model_has_no_token_grid() -> None:
     model = CrossMetricForMetricLearning(tiny_config(cia_levels=0).model_config())
     assert head_token_grid(model) is None and head_token_note(model) is None
     assert torch.is_grad_enabled()
+
+
+def test_watching_the_head_changes_nothing_in_the_run(tmp_path) -> None:
+    """``watch`` runs the same checks as the rules at every evaluation and acts on nothing: the run is the one without
+    checks, step for step (the checks draw no random numbers and leave the model in training mode)."""
+    shapes = make_shapes_folder(tmp_path / "shapes", num_classes=16, per_class=4)
+    common = dict(
+        dataset=str(shapes), num_epochs=3, eval_every_epochs=1, cia_distill_weight=10.0, cia_distill_top_k=3,
+        cia_distill_warmup_steps=2, validation_fraction=0.25, reranker_top_k=5, export=False,
+    )  # fmt: skip
+    logs = {}
+    for rule in ("watch", "never"):
+        with one_thread():
+            result = CrossMetricTrainer(
+                tiny_config(output_dir=str(tmp_path / rule), cia_distill_stop=rule, **common)
+            ).train()
+        logs[rule] = _log(result.run_directory)
+    checks = [r for r in logs["watch"] if RECORD in r]
+    assert len(checks) >= 2 and not any(r[RECORD]["stopped"] for r in checks)
+    assert [r for r in logs["watch"] if RECORD not in r] == logs["never"]
