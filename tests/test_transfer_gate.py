@@ -56,7 +56,9 @@ def test_the_gate_is_due_after_the_warmup_only_and_a_resume_restores_a_stop() ->
     with_head, head_off = (CrossMetricForMetricLearning(tiny_config(cia_levels=n).model_config()) for n in (1, 0))
     gate = TransferGate(config, objective, with_head, selection_split="validation")
     assert [gate.due(step, total_steps=10) for step in (0, 3, 4, 9, 10)] == [False, False, True, True, False]
+    shuffled = CrossMetricForMetricLearning(tiny_config(cia_query="shuffled").model_config())
     for inactive in (
+        TransferGate(config, objective, shuffled, selection_split="validation"),
         TransferGate(config, objective, with_head, selection_split=None),
         TransferGate(config, objective, head_off, selection_split="validation"),
         TransferGate(tiny_config(cia_distill_weight=5.0, cia_distill_stop="never"), objective, with_head, "validation"),

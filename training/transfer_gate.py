@@ -144,6 +144,7 @@ class TransferGate:
             self.rule in STOP_RULES[:3]
             and bool(config.cia_distill_weight)
             and getattr(model, "head", None) is not None
+            and model.head.query_mode != "shuffled"  # a random third image: no pair scores to re-rank with
             and selection_split == "validation"
         )
         self.stopped_at: int | None = None
