@@ -47,13 +47,18 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
+    names = [name for name, *_ in SETTINGS]
+    parser.add_argument("--settings", nargs="+", default=names, choices=names, help="the first is the baseline")
     parser.add_argument("--output", type=Path, default=REPO / "outputs" / "benchmarks" / "token_count_step.json")
     args = parser.parse_args()
+    settings = [s for s in SETTINGS if s[0] in args.settings]
+    settings.sort(key=lambda s: args.settings.index(s[0]))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     labels = torch.arange(16).repeat_interleave(4)
+    load_before = os.getloadavg()[0]
     steps, tokens = {}, {}
-    for name, size, stride, side in SETTINGS:
+    for name, size, stride, side in settings:
         pixels = torch.randn(64, 3, size, size).contiguous(memory_format=torch.channels_last)
         for head, fields in HEADS.items():
             fields = {**fields, "cia_token_stride": stride}
@@ -71,11 +76,11 @@ def main() -> int:
         print(f"round {round_index + 1}/{args.warmup + args.rounds}", file=sys.stderr, flush=True)
     medians = {key: statistics.median(values) for key, values in times.items()}
     rows = {}
-    for name, size, stride, _ in SETTINGS:
+    for name, size, stride, _ in settings:
         row: dict[str, Any] = {"image_size": size, "cia_token_stride": stride, "tokens_per_image": tokens[name]}
         for head in HEADS:
             key = f"{name}/{head}"
-            base = f"{SETTINGS[0][0]}/{head}"
+            base = f"{settings[0][0]}/{head}"
             row[f"{head}_ms"] = round(1000 * medians[key], 1)
             row[f"{head}_ratio_to_64px"] = round(medians[key] / medians[base], 3)
             row[f"{head}_median_of_round_ratios_to_64px"] = round(
@@ -90,7 +95,7 @@ def main() -> int:
         "batch": "64 = 16 classes x 4",
         "rows": rows,
         "times_ms": {key: [round(1000 * t, 1) for t in values] for key, values in times.items()},
-        "load_average_after": os.getloadavg()[0],
+        "load_average_before_after": [load_before, os.getloadavg()[0]],
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
