@@ -31,6 +31,8 @@ Limits of faiss' on-disk lists, and why an on-disk index is written once and nev
   ``merge_into`` on an index with an ``.ivfdata`` file can leave it inconsistent (faiss#3498).
 - ``remove_ids`` on an index read with ``IO_FLAG_ONDISK_SAME_DIR`` is reported to remove nothing and return 0
   (faiss#2315).
+- ``merge_ondisk`` refuses the block-packed lists of the 4-bit fast-scan IVF-PQ (``PQ16x4fs``: "code_size"
+  assertion, tried with faiss 1.15), so the on-disk kind scans 8-bit codes without SIMD tables.
 - ``merge_from_multiple`` only concatenates lists; faiss' ``shift_ids`` renumbers per shard, which we do not need
   because every shard already carries global row numbers.
 
