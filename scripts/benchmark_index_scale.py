@@ -284,6 +284,16 @@ def write_report(out: Path) -> None:
     notes = [f"- {r['count']:.0e} {r['kind']}: {r.get('explanation') or r['build']['note']}" for r in results
              if r.get("explanation") or (r.get("build") or {}).get("note")]  # fmt: skip
     lines += ["", "Notes:", "", *notes] if notes else []
+    paired = out / "paired_1e6_autofaiss_ivfpq.json"
+    if paired.exists():
+        runs = json.loads(paired.read_text())["runs"]
+        header = "| index | p50 ms | p99 ms | mean ms | q/s @64 | recall@10 | load |"
+        lines += ["", "10^6, autofaiss and ivfpq measured alternately in one window (fresh process each):", "",
+                  header, "| --- |" + " ---: |" * 6]  # fmt: skip
+        for run in runs:
+            times = f"{run['p50_ms']:.2f} | {run['p99_ms']:.2f} | {run['mean_ms']:.2f}"
+            rest = f"{run['qps_batch64']:.0f} | {run['recall_at_10']:.3f} | {run['load_avg_1min']:.1f}"
+            lines.append(f"| {run['index']} | {times} | {rest} |")
     glyphs = out / "glyphs_index_build.json"
     if glyphs.exists():
         record = json.loads(glyphs.read_text())
