@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from .faiss_numpy import numpy_method
 from .kinds import search_parameters, uses_global_ids
 from .selection import unpack
 
@@ -50,7 +51,8 @@ def near_duplicates(index: Any, threshold: float = 0.95, *, progress: bool = Fal
                     query_of = np.broadcast_to(rows[:, None], found.shape)[scores >= threshold]
                     found = found[scores >= threshold]
                 else:
-                    limits, _, found = other.index.range_search(queries, float(threshold), params=params)
+                    range_search = numpy_method(other.index, "range_search")
+                    limits, _, found = range_search(queries, float(threshold), params=params)
                     if not uses_global_ids(index.kind):
                         found = found + other.start
                     query_of = np.repeat(rows, np.diff(limits).astype(np.int64))

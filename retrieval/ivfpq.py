@@ -57,6 +57,7 @@ from faiss.contrib.clustering import two_level_clustering
 from faiss.contrib.ondisk import merge_ondisk
 from tqdm.auto import tqdm
 
+from .faiss_numpy import numpy_method
 from .ivfpq_assign import GroupAssigner, group_assigner
 
 logger = logging.getLogger(__name__)
@@ -374,7 +375,7 @@ def search_refined(
     if q.ndim == 1:
         q = q[None, :]
     candidates = max(k, k * max(1, int(refine)))
-    _, found = index.search(q, candidates, params=params)
+    _, found = numpy_method(index, "search")(q, candidates, params=params)
     rows = np.unique(found[found >= 0])
     if callable(embeddings):
         vectors = np.asarray(embeddings(rows), dtype=np.float32)

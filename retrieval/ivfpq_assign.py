@@ -14,6 +14,8 @@ import math
 import faiss
 import numpy as np
 
+from .faiss_numpy import numpy_method
+
 FAST_ASSIGN_MIN_NLIST = 4096  # from here on, vectors are assigned to lists through groups of centroids
 ASSIGN_NPROBE = 8  # groups of centroids compared per vector
 
@@ -66,7 +68,7 @@ def group_assigner(trained: faiss.Index) -> GroupAssigner | None:
     ivf = faiss.extract_index_ivf(trained)
     if ivf.nlist < FAST_ASSIGN_MIN_NLIST:
         return None
-    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    centroids = numpy_method(ivf.quantizer, "reconstruct_n")(0, ivf.nlist)
     norms = np.linalg.norm(centroids, axis=1)
     if ivf.metric_type != faiss.METRIC_L2 and not np.allclose(norms, norms[0], rtol=1e-3):
         return None

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from .columns import read_table, write_table
+from .faiss_numpy import numpy_method
 from .idhash import build_lookup
 from .kinds import quiet_stdout, uses_global_ids, write_ivf_ondisk
 from .storage import SEGMENT_FILES, IndexFormatError, read_faiss
@@ -181,9 +182,7 @@ class Segment:
 
             read = lambda rows: self.vectors[rows - self.start]  # noqa: E731 - the candidates' rows only
             return search_refined(self.index, read, queries, k, refine=refine or 1, params=params)
-        # faiss.contrib.torch_utils (imported by e.g. pytorch-metric-learning) replaces ``search`` with a wrapper that
-        # drops ``params``; the numpy original stays reachable as ``search_numpy``.
-        search = getattr(self.index, "search_numpy", self.index.search)
+        search = numpy_method(self.index, "search")  # not torch_utils' wrapper, which drops ``params``
         scores, ids = search(queries, k, params=params)
         if not uses_global_ids(self.kind):
             ids = np.where(ids >= 0, ids + self.start, -1)
