@@ -49,7 +49,7 @@ def add_milvus_arguments(
         "--milvus_token", default=None, help=f"the server's token, user:password or API key; or set {TOKEN_VARIABLE}"
     )
     if index_type:
-        from ..retrieval.milvus_index import DEFAULT_INDEX_TYPE, INDEX_TYPES
+        from ..retrieval.milvus_schema import DEFAULT_INDEX_TYPE, INDEX_TYPES
 
         group.add_argument(
             "--milvus_index", default=DEFAULT_INDEX_TYPE, type=str.upper, choices=INDEX_TYPES,
@@ -78,7 +78,7 @@ def check_target(ns: argparse.Namespace, folder: str, *, required: bool = True) 
     if not ns.collection:
         raise ValueError("--milvus needs --collection NAME (the collection to use in that Milvus).")
     check_uri(ns.milvus)
-    from ..retrieval.milvus_index import require_pymilvus
+    from ..retrieval.milvus_schema import require_pymilvus
 
     require_pymilvus()
     return True

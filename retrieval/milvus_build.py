@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from ..inference.embedding import embed_images, embeddings_and_reranker_tokens, model_reference, pooler_output
 from ..inference.loading import load_embedder
 from .gallery import GallerySource, tokens_to_store
-from .milvus_index import DEFAULT_INDEX_TYPE, MilvusIndex, column_type
+from .milvus_index import MilvusIndex
+from .milvus_schema import DEFAULT_INDEX_TYPE, column_type
 
 logger = logging.getLogger(__name__)
 

@@ -36,72 +36,30 @@ import numpy as np
 
 from .compatibility import describe_model, same_model
 from .milvus_expressions import filter_expression, ids_expression
+from .milvus_schema import (
+    BASE_FIELDS,
+    BATCH_BYTES,
+    DEFAULT_INDEX_TYPE,
+    FORMAT_VERSION,
+    GRPC_OPTIONS,
+    ID_CHUNK,
+    ID_LENGTH,
+    LABEL_LENGTH,
+    MAX_LIMIT,
+    MAX_VECTOR_DIM,
+    PATH_LENGTH,
+    PROPERTY,
+    TEXT_LENGTH,
+    build_params,
+    check_index_type,
+    normalised,
+    plain_value,
+    require_pymilvus,
+    search_params,
+)  # fmt: skip
 from .protocol import Filter, Results
 
 logger = logging.getLogger(__name__)
-
-INSTALL_HINT = 'Milvus needs the milvus extra: pip install "crossmetric[milvus]" (pymilvus and milvus-lite).'
-INDEX_TYPES = ("HNSW", "FLAT", "IVF_PQ", "DISKANN")
-DEFAULT_INDEX_TYPE = "HNSW"
-FORMAT_VERSION = "1"
-PROPERTY = "crossmetric.{}"  # collection property keys: crossmetric.format, .model, .head_tokens, .index_type
-ID_LENGTH, LABEL_LENGTH, PATH_LENGTH, TEXT_LENGTH = 1024, 1024, 4096, 4096
-MAX_VECTOR_DIM = 32768  # Milvus' default maximum dimension of a vector field
-MAX_LIMIT = 16384  # Milvus' largest topk / query limit
-HNSW_PARAMS = {"M": 32, "efConstruction": 200}  # the folder index's HNSW settings
-DEFAULT_EF, DEFAULT_NPROBE, DEFAULT_SEARCH_LIST = 64, 32, 100
-_BATCH_BYTES = 16 * 1024 * 1024  # per upsert request (gRPC's limit is 64 MB)
-_ID_CHUNK = 1000  # ids per query / delete expression
-_BASE_FIELDS = ("id", "embedding", "label", "path", "tokens")
-# pymilvus pings every 10 s even on an idle connection; gRPC's Python server (Milvus Lite, in the process or as
-# `milvus-lite server`) allows that once per 5 min, then answers GOAWAY "too_many_pings", after which pymilvus 3.0.2's
-# reconnect fails with "Too many pings" (seen here after a minute idle). So: no pings without a call in flight, one a
-# minute during long calls. An idle connection that died is found (and redialled) by the next call instead. Each
-# MilvusIndex dials its own channel (``dedicated``): pymilvus otherwise shares one per address, with the options of
-# whichever client dialled first, and never closes it.
-GRPC_OPTIONS = {"grpc.keepalive_permit_without_calls": False, "grpc.keepalive_time_ms": 60_000}
-
-
-def require_pymilvus() -> Any:
-    """The ``pymilvus`` module, or an ``ImportError`` that names the extra to install."""
-    try:
-        import pymilvus
-    except ImportError as error:
-        raise ImportError(INSTALL_HINT) from error
-    return pymilvus
-
-
-def check_index_type(value: str, flag: str = "index_type") -> str:
-    """``value`` upper-cased if it is one of :data:`INDEX_TYPES`, else ``ValueError`` naming ``flag``."""
-    upper = str(value).upper()
-    if upper not in INDEX_TYPES:
-        raise ValueError(f"{flag} {value!r} is not one of {', '.join(INDEX_TYPES)}.")
-    return upper
-
-
-def _normalised(array: Any, dim: int, name: str) -> np.ndarray:
-    matrix = np.array(array, dtype=np.float32, copy=True)
-    matrix = matrix[None, :] if matrix.ndim == 1 else matrix
-    if matrix.ndim != 2 or matrix.shape[1] != dim:
-        raise ValueError(f"{name} must be N × {dim} (the index's embedding size), got shape {matrix.shape}.")
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    if not np.isfinite(matrix).all() or (norms == 0).any():
-        raise ValueError(f"{name} holds a row that is all zeros, NaN or infinite: it has no direction.")
-    return matrix / norms
-
-
-def column_type(values: Sequence[Any], name: str) -> str:
-    """The Milvus type of a metadata column, from its values: VARCHAR, INT64, DOUBLE or BOOL."""
-    present = [value for value in values if value is not None]
-    if all(isinstance(value, (bool, np.bool_)) for value in present) and present:
-        return "BOOL"
-    if all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) for value in present) and present:
-        return "INT64"
-    if all(isinstance(value, (int, float, np.number)) and not isinstance(value, bool) for value in present) and present:
-        return "DOUBLE"
-    if all(isinstance(value, str) for value in present):
-        return "VARCHAR"
-    raise ValueError(f"metadata column {name!r} mixes types: pass strings, ints, floats or bools, one kind a column.")
 
 
 @dataclass(frozen=True)
@@ -151,7 +109,7 @@ class MilvusIndex:
         self.index_type = properties.get(PROPERTY.format("index_type"), DEFAULT_INDEX_TYPE)
         fields = {field["name"]: field for field in described["fields"]}
         self.dim = int(fields["embedding"]["params"]["dim"])
-        self.columns = ["label", "path"] + [name for name in fields if name not in _BASE_FIELDS]
+        self.columns = ["label", "path"] + [name for name in fields if name not in BASE_FIELDS]
         self._types = {name: getattr(fields[name]["type"], "name", str(fields[name]["type"])) for name in self.columns}
         self.metadata_columns = self.columns[2:]
         self.client.load_collection(collection)
@@ -192,9 +150,9 @@ class MilvusIndex:
             existing._check_fits(dim, model, head_tokens)
             return existing
         columns = dict(metadata_columns or {})
-        clash = sorted(set(columns) & set(_BASE_FIELDS))
+        clash = sorted(set(columns) & set(BASE_FIELDS))
         if clash:
-            raise ValueError(f"metadata columns {clash} clash with the collection's own fields {list(_BASE_FIELDS)}.")
+            raise ValueError(f"metadata columns {clash} clash with the collection's own fields {list(BASE_FIELDS)}.")
         schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         data_type = pymilvus.DataType
         schema.add_field("id", data_type.VARCHAR, is_primary=True, max_length=ID_LENGTH)
@@ -208,7 +166,7 @@ class MilvusIndex:
             schema.add_field(name, getattr(data_type, kind), nullable=True, **options)
         index_params = client.prepare_index_params()
         index_params.add_index(
-            "embedding", index_type=index_type, metric_type="IP", params=_build_params(index_type, dim)
+            "embedding", index_type=index_type, metric_type="IP", params=build_params(index_type, dim)
         )
         if head_tokens is not None:
             width = int(np.prod(head_tokens["shape"]))
@@ -274,11 +232,11 @@ class MilvusIndex:
         """
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_LIMIT:
             raise ValueError(f"k must be an integer from 1 to {MAX_LIMIT} (Milvus' largest topk), got {k!r}.")
-        queries = _normalised(query_embeddings, self.dim, "query embeddings")
+        queries = normalised(query_embeddings, self.dim, "query embeddings")
         expression = filter_expression(filter, self.columns)
         hits = self.client.search(
             self.collection, data=queries.tolist(), filter=expression, limit=k, anns_field="embedding",
-            output_fields=["label", "path"], search_params=self._search_params(k, ef_search, nprobe),
+            output_fields=["label", "path"], search_params=search_params(self.index_type, k, ef_search, nprobe),
         )  # fmt: skip
         return [
             [
@@ -292,16 +250,6 @@ class MilvusIndex:
             ]
             for row in hits
         ]
-
-    def _search_params(self, k: int, ef_search: int | None, nprobe: int | None) -> dict[str, Any]:
-        params: dict[str, Any] = {}
-        if self.index_type == "HNSW":
-            params["ef"] = max(int(ef_search or DEFAULT_EF), k)
-        elif self.index_type == "IVF_PQ":
-            params["nprobe"] = int(nprobe or DEFAULT_NPROBE)
-        elif self.index_type == "DISKANN":
-            params["search_list"] = max(int(ef_search or DEFAULT_SEARCH_LIST), k)
-        return {"metric_type": "IP", "params": params}
 
     def add(
         self,
@@ -317,7 +265,7 @@ class MilvusIndex:
         """Upsert items by id (an existing id is replaced); ``head_tokens``: N×T×C, required when the collection
         stores tokens; ``model``: the embedding model's reference, refused when it is not the collection's."""
         self._check_model(model, "the items to add come")
-        vectors = _normalised(embeddings, self.dim, "embeddings")
+        vectors = normalised(embeddings, self.dim, "embeddings")
         count = len(vectors)
         keys = [str(value) for value in ids]
         if len(keys) != count:
@@ -337,12 +285,12 @@ class MilvusIndex:
             row: dict[str, Any] = {"id": keys[i], "embedding": vectors[i]}
             for name in self.columns:
                 values = columns.get(name)
-                row[name] = _plain(values[i]) if values is not None else None
+                row[name] = plain_value(values[i]) if values is not None else None
             if tokens is not None:
                 row["tokens"] = tokens[i]
             rows.append(row)
         per_row = 4 * (self.dim + (tokens.shape[1] if tokens is not None else 0)) + 512
-        step = max(1, _BATCH_BYTES // per_row)
+        step = max(1, BATCH_BYTES // per_row)
         for start in range(0, count, step):
             self.client.upsert(self.collection, rows[start : start + step])
 
@@ -367,8 +315,8 @@ class MilvusIndex:
         """Delete items by id; returns how many were present (unknown ids are ignored)."""
         keys = list(dict.fromkeys(str(value) for value in ids))
         removed = 0
-        for start in range(0, len(keys), _ID_CHUNK):
-            expression = ids_expression(keys[start : start + _ID_CHUNK])
+        for start in range(0, len(keys), ID_CHUNK):
+            expression = ids_expression(keys[start : start + ID_CHUNK])
             present = self.client.query(self.collection, filter=expression, output_fields=["count(*)"])
             removed += int(present[0]["count(*)"])
             self.client.delete(self.collection, filter=expression)
@@ -377,8 +325,8 @@ class MilvusIndex:
     def _fetch(self, ids: Sequence[str], fields: list[str]) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
         keys = list(dict.fromkeys(str(value) for value in ids))
-        for start in range(0, len(keys), _ID_CHUNK):
-            chunk = keys[start : start + _ID_CHUNK]
+        for start in range(0, len(keys), ID_CHUNK):
+            chunk = keys[start : start + ID_CHUNK]
             rows = self.client.query(
                 self.collection, filter=ids_expression(chunk), output_fields=fields, limit=len(chunk)
             )
@@ -441,19 +389,3 @@ class MilvusIndex:
     def close(self) -> None:
         """Release the client's connection."""
         self.client.close()
-
-
-def _plain(value: Any) -> Any:
-    """A numpy scalar as the Python value pymilvus serialises."""
-    return value.item() if hasattr(value, "item") else value
-
-
-def _build_params(index_type: str, dim: int) -> dict[str, Any]:
-    """The build parameters of ``index_type``: HNSW as the folder index's; IVF_PQ with 8-bit codes of dim/4 values
-    (the largest divisor of ``dim`` at most dim/4, PQ needing one) over 1024 lists."""
-    if index_type == "HNSW":
-        return dict(HNSW_PARAMS)
-    if index_type == "IVF_PQ":
-        m = max(d for d in range(1, max(1, dim // 4) + 1) if dim % d == 0)
-        return {"nlist": 1024, "m": m, "nbits": 8}
-    return {}

@@ -1,16 +1,14 @@
 """Index kinds at 10^6 and 10^7 items: build time, disk and heap per item, latency, throughput and recall@10.
 
 Data: clustered unit vectors (``--dim`` 128): ``count / 1000`` Gaussian blobs (centres ~ N(0, I), spread 1.0, as
-``benchmark_ann.py``'s clustered set: one blob per class, about 1,000 images a class), generated in chunks into a
-memory-mapped ``base.npy`` under ``--work`` (never the whole set in RAM); 1,000 queries and 256 calibration queries
-from the same blobs, not in the index; exact top-10 by chunked brute force (float32 matrix products).
+``benchmark_ann.py``'s clustered set), generated in chunks into a memory-mapped ``base.npy`` under ``--work``; 1,000
+queries and 256 calibration queries from the same blobs, not in the index; exact top-10 by chunked brute force.
 
 For each kind asked (``--kinds``), the index is built (timed, one thread), then loaded in a fresh process
 (``_index_scale_measure.py``) that answers the 1,000 queries one at a time (p50/p99 ms, recall@10) and in batches
 of 64 (queries/s), and reports its heap: ``RssAnon`` after minus before loading (memory-mapped files excluded).
 
-- ``exact``, ``ivf``, ``hnsw``, ``ivfpq``: the public API, ``IndexBuilder`` fed 2^18 rows at a time with ids
-  (the row numbers as strings), read back by ``EmbeddingIndex.load`` (metadata, id lookup and all);
+- ``exact``, ``ivf``, ``hnsw``, ``ivfpq``: the public ``IndexBuilder`` fed 2^18 rows at a time, ids and all;
 - ``ivfpq`` with ``--via module``: :mod:`crossmetric.retrieval.ivfpq` alone (no ids or metadata: sizing rule,
   training, on-disk lists, float16 re-scoring, ``nprobe`` calibrated on the 256 calibration queries by doubling
   until recall@10 ≥ 0.95); ``--sweep`` adds recall and ms/query over nprobe × refine (how DEFAULT_REFINE was set);
@@ -18,8 +16,7 @@ of 64 (queries/s), and reports its heap: ``RssAnon`` after minus before loading 
   ``_index_scale_autofaiss.py`` in ``--autofaiss_python`` (a venv with autofaiss; not a dependency), searched with
   the parameters it chose (``_mmap``: ``should_be_memory_mappable=True``, read with ``IO_FLAG_MMAP``).
 
-Writes ``{count}_{kind}.json`` per index and ``results.md`` (all JSON files in ``--out``) to ``--out``.
-
+Writes ``{count}_{kind}.json`` per index and ``results.md`` (all JSON files in ``--out``) to ``--out``:
     nice -n 10 python scripts/benchmark_index_scale.py --count 1000000 --kinds ivfpq autofaiss exact
     nice -n 10 python scripts/benchmark_index_scale.py --count 10000000 --kinds ivfpq
 """
