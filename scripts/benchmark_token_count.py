@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,52 @@ def plan(args: argparse.Namespace, seed: int) -> list[str]:
     if chosen is None:
         return [*rows, *LAMBDAS]  # both lambdas; the control follows once one is chosen
     return [*rows, chosen, SELF_AT[chosen]]
+
+
+def next_run(args: argparse.Namespace, claimed: set[tuple[str, int]]) -> tuple[str, int] | None:
+    """The first (row, seed) in seed order that no worker has taken and whose lambda is known (None: nothing ready)."""
+    for seed in args.seeds:
+        rows = plan(args, seed)
+        if (chosen := choose_lambda(args)[0]) is not None:
+            rows.append(SELF_AT[chosen])  # seed 0's control, once its lambda is chosen
+        else:  # the first seed's lambdas first, so the choice comes early; later seeds run only the chosen one
+            rows = [*LAMBDAS, *rows[:3]] if seed == args.seeds[0] else rows[:3]
+        for row in rows:
+            if (row, seed) not in claimed:
+                return row, seed
+    return None
+
+
+def run_queue(args: argparse.Namespace, extra: list[str], write: Any) -> None:
+    """Runs every (row, seed) of the plan with ``--workers`` processes at once (each one thread: OMP_NUM_THREADS=1),
+    rewriting the tables after each run; a worker with nothing ready waits for the lambda choice."""
+    claimed: set[tuple[str, int]] = set()
+    lock, running = threading.Lock(), [0]
+
+    def worker() -> None:
+        while True:
+            with lock:
+                item = next_run(args, claimed)
+                if item is None and running[0] == 0:
+                    return
+                if item is not None:
+                    claimed.add(item)
+                    running[0] += 1
+            if item is None:
+                time.sleep(5)
+                continue
+            try:
+                train(*item, args, extra)
+            finally:
+                with lock:
+                    running[0] -= 1
+                    write()
+
+    threads = [threading.Thread(target=worker) for _ in range(args.workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def tabulate(args: argparse.Namespace, extra: list[str], started: float) -> dict[str, Any]:
@@ -181,6 +228,7 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/tokens_7x7"))
     parser.add_argument("--results", type=Path, required=True, help="folder of results.json and results.md")
+    parser.add_argument("--workers", type=int, default=1, help="runs at once (give each one thread)")
     parser.add_argument("--collect_only", action="store_true", help="tabulate what exists; train nothing")
     args, extra = parser.parse_known_args()
     extra = [e for e in extra if e != "--"]
@@ -201,16 +249,7 @@ def main() -> int:
 
     write()
     if not args.collect_only:
-        for seed in args.seeds:
-            done: set[str] = set()
-            while todo := [row for row in plan(args, seed) if row not in done]:
-                row = todo[0]
-                train(row, seed, args, extra)
-                done.add(row)
-                write()
-            if (chosen := choose_lambda(args)[0]) is not None and SELF_AT[chosen] not in done:
-                train(SELF_AT[chosen], seed, args, extra)  # seed 0: the control once its lambda is chosen
-                write()
+        run_queue(args, extra, write)
     print((args.results / "results.md").read_text())
     return 0
 
