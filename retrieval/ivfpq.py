@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 
 from .faiss_numpy import numpy_method
 from .ivfpq_assign import GroupAssigner, group_assigner
+from .storage import without_prefetch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +346,8 @@ def _write_shard(shard: faiss.Index, scratch: str, number: int) -> str:
 
 
 def read_ondisk(path: str | os.PathLike) -> faiss.Index:
-    """Read an index written by :func:`write_ondisk`; its lists stay on disk, memory-mapped from the same folder."""
+    """Read an index written by :func:`write_ondisk`; its lists stay on disk, memory-mapped from the same folder
+    (and scanned without faiss' per-search prefetch threads: :func:`.storage.without_prefetch_threads`)."""
     path = Path(path)
     ivfdata = path.with_suffix(".ivfdata")
     for needed in (path, ivfdata):
@@ -353,7 +355,7 @@ def read_ondisk(path: str | os.PathLike) -> faiss.Index:
             raise FileNotFoundError(
                 f"{needed} is missing: an on-disk ivfpq index needs {path.name} and {ivfdata.name}."
             )
-    return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    return without_prefetch_threads(faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR))
 
 
 def search_refined(

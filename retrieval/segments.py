@@ -74,26 +74,23 @@ class Segment:
         return self.table.num_rows
 
     def take(self, local: np.ndarray, columns: list[str] | None = None) -> list[dict[str, Any]]:
-        """The records of rows ``local`` (in that order), read batch by batch.
+        """The records of rows ``local`` (in that order), each a one-row slice of its record batch.
 
         Not ``Table.take``: on a table of many record batches Arrow concatenates each column first, which reads and
         copies the whole column (measured at 10^6 rows: 200 ms and 76 MB for 3 rows, against microseconds here).
+        Slices are zero-copy views, so one ``to_pylist`` over a table of them reads only those rows (10 rows out
+        of 10^7 in 153 batches: 0.13 ms, against 1.1 ms for one ``take`` per batch).
         """
         if not hasattr(self, "_batches"):
             self._batches = self.table.to_batches()
             self._offsets = np.cumsum([0] + [len(b) for b in self._batches])
         local = np.asarray(local, dtype=np.int64)
-        out: list[dict[str, Any]] = [{}] * len(local)
+        if not len(local):
+            return []
         which = np.searchsorted(self._offsets, local, side="right") - 1
-        for batch_number in np.unique(which):
-            picks = np.flatnonzero(which == batch_number)
-            batch = self._batches[batch_number]
-            if columns is not None:
-                batch = batch.select(columns)
-            records = batch.take(pa.array(local[picks] - self._offsets[batch_number])).to_pylist()
-            for position, record in zip(picks.tolist(), records):
-                out[position] = record
-        return out
+        within = (local - self._offsets[which]).tolist()
+        picked = pa.Table.from_batches([self._batches[b].slice(o, 1) for b, o in zip(which.tolist(), within)])
+        return (picked if columns is None else picked.select(columns)).to_pylist()
 
     @classmethod
     def in_memory(

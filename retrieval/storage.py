@@ -151,6 +151,21 @@ def read_embeddings(path: Path, count: int, dim: int) -> np.ndarray:
     return embeddings
 
 
+def without_prefetch_threads(index: Any) -> Any:
+    """Stop an index's on-disk lists from starting prefetch threads on every search; returns the index.
+
+    faiss' ``OnDiskInvertedLists.prefetch_lists`` starts ``prefetch_nthread`` (default 32) threads per search to
+    touch the lists it is about to scan. On a memory-mapped file the kernel's read-ahead does that job, and the
+    threads cost more than the scan: measured on the 10^7 ``ivfpq`` benchmark index (2 cores, nprobe 64), one query
+    took 8.4 ms with them and 2.2 ms without (0.33 ms against 4.0 ms at nprobe 1, from run to run).
+    """
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None and ivf.invlists is not None else None
+    if isinstance(lists, faiss.OnDiskInvertedLists):
+        lists.prefetch_nthread = 0
+    return index
+
+
 def read_faiss(path: Path, count: int, dim: int, kind: str, io_flags: int = 0) -> Any:
     """Read and check a faiss file: its class and metric are ``kind``'s, it holds ``count`` vectors of ``dim``."""
     if not path.is_file():
@@ -159,6 +174,7 @@ def read_faiss(path: Path, count: int, dim: int, kind: str, io_flags: int = 0) -
         index = faiss.read_index(str(path), io_flags)  # already downcast to its concrete class
     except RuntimeError as error:
         raise IndexFormatError(f"{path} is not a readable faiss index: {error}") from error
+    without_prefetch_threads(index)
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
     if (
         not isinstance(index, _FAISS_CLASS[kind])

@@ -98,6 +98,9 @@ def test_the_builder_streams_chunks_into_the_folder_the_constructor_saves(tmp_pa
     else:
         calibration = built.calibration  # the search setting was measured on the built index
         assert built.params[calibration["parameter"]] == calibration["value"] and calibration["queries"] == 256
+    if kind in ("ivf", "ivfpq"):  # lists read from disk, without faiss' 32 prefetch threads per search
+        lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(built.segments[0].index).invlists)
+        assert isinstance(lists, faiss.OnDiskInvertedLists) and lists.prefetch_nthread == 0
     assert built.records(["v42"]) == [{"id": "v42", "label": "c2", "path": None, "shop": "s0"}]
     np.testing.assert_array_equal(built.rerank_features(["v2999", "v0"])[1], tokens[[2999, 0]])
     assert built.info()["count"] == n and built.model == {"name_or_path": "m"}

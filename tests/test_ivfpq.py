@@ -49,6 +49,7 @@ def test_merged_on_disk_index_searches_like_the_same_index_in_memory(tmp_path, d
     on_disk = read_ondisk(path)
     lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(on_disk).invlists)
     assert isinstance(lists, faiss.OnDiskInvertedLists)
+    assert lists.prefetch_nthread == 0  # faiss' default 32 threads per search cost more than the scan
     assert on_disk.ntotal == COUNT
     in_memory = faiss.clone_index(trained)
     in_memory.add_with_ids(data, ids)
