@@ -10,6 +10,7 @@ its neighbours other than itself, the way a held-out query would be).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from .ivfpq import (
 )
 from .kinds import quiet_stdout
 
+logger = logging.getLogger(__name__)
 DEFAULT_MAX_MEMORY = "2G"
 _CHUNK = 1 << 16
 
@@ -115,6 +117,12 @@ def calibrate_nprobe(
         recall = float(np.mean(hits))
         if recall >= target:
             break
+    else:
+        logger.warning(
+            "ivfpq: recall@%d reached only %.3f of the target %.2f even with all %d lists probed; the codes are too "
+            "coarse for refine=%d: pass a larger --refine (or --max_memory for longer codes), or accept the recall.",
+            k, recall, target, ivf.nlist, refine,
+        )  # fmt: skip
     return {"parameter": "nprobe", "value": int(nprobe), "recall": round(recall, 4), "k": k,
             "queries": len(queries), "target": target}  # fmt: skip
 

@@ -162,3 +162,18 @@ def test_many_lists_are_filled_through_the_fast_assigner_and_still_search_well(t
     _, rows = search_refined(index, embeddings, data[:100], 10, params=params)
     truth = np.argsort(-(data[:100] @ data.T), axis=1)[:, :10]
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth)]) >= 0.9
+
+
+def test_a_calibration_that_never_reaches_its_target_probes_every_list_and_says_what_to_change(
+    data, trained, caplog
+):
+    from crossmetric.retrieval.ivfpq_kind import calibrate_nprobe
+
+    built = faiss.clone_index(trained)
+    built.add_with_ids(data, np.arange(COUNT, dtype=np.int64))
+    nlist = faiss.extract_index_ivf(built).nlist
+    reachable = calibrate_nprobe(built, data, refine=20, target=0.5, sample=64)
+    assert reachable["value"] < nlist and reachable["recall"] >= 0.5 and not caplog.records
+    record = calibrate_nprobe(built, data, refine=1, target=1.01, sample=64)  # no index reaches recall 1.01
+    assert record["value"] == nlist and record["recall"] < 1.01
+    assert "pass a larger --refine" in caplog.text
