@@ -164,9 +164,7 @@ def test_many_lists_are_filled_through_the_fast_assigner_and_still_search_well(t
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth)]) >= 0.9
 
 
-def test_a_calibration_that_never_reaches_its_target_probes_every_list_and_says_what_to_change(
-    data, trained, caplog
-):
+def test_a_calibration_that_never_reaches_its_target_probes_every_list_and_says_what_to_change(data, trained, caplog):
     from crossmetric.retrieval.ivfpq_kind import calibrate_nprobe
 
     built = faiss.clone_index(trained)
