@@ -125,6 +125,11 @@ def train(row: str, seed: int, args: argparse.Namespace, extra: list[str]) -> di
     log_path = args.output_dir / "logs" / f"{row}-seed{seed}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "crossmetric.cli", "train", *run_arguments(row, seed, args, extra)]
+    from crossmetric.inference.run_folder import complete_checkpoints
+
+    if complete_checkpoints(summary_path.parent):  # a run cut short (a session's end): go on from its last epoch
+        command += ["--resume_from_checkpoint", "latest"]
+        log_path = log_path.with_name(f"{log_path.stem}-resumed-{len(list(log_path.parent.glob('*')))}.log")
     started = time.perf_counter()
     with open(log_path, "w") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
