@@ -1,0 +1,95 @@
+"""Issue 29's figure: CIA − its no-conditioning control (Recall@1, points, ± standard error) against tokens per image.
+
+One line per form of the head: its loss into the backbone (the paper's way, against the control at the same lambda)
+and the default transfer (detached head + top-16 list-wise transfer, against the same transfer from the
+no-conditioning head). Each point is a paired per-seed difference on emoji's test split; the seeds behind each point
+are printed beside it. Reads the committed benchmark tables, writes ``docs/token_count.png`` and a JSON of the points:
+
+- 4×4 = 16 tokens (64 px, stride-16 stage): ``emoji_cpu/results.json`` (loss into the backbone, lambda 1, 5 seeds)
+  and ``emoji_cpu/head_pays/results.json`` (transfer, 5 seeds);
+- 7×7 = 49 tokens (112 px, stride-16 stage): ``emoji_cpu/token_count/results.json`` (``benchmark_token_count.py``),
+  whichever seeds have run.
+
+    python scripts/token_count_figure.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "benchmark_results" / "emoji_cpu"
+FORMS = {"loss into the backbone (paper)": "paper", "detached head + transfer (default)": "transfer"}
+
+
+def paired(values: list[float], reference: list[float]) -> dict[str, float | int]:
+    differences = [100 * (v - r) for v, r in zip(values, reference)]
+    spread = statistics.stdev(differences) / len(differences) ** 0.5 if len(differences) > 1 else float("nan")
+    return {"mean": statistics.fmean(differences), "standard_error": spread, "seeds": len(differences)}
+
+
+def points_at_16() -> dict[str, dict]:
+    """The 4×4 points, from the 5-seed tables of the earlier issues."""
+    loss = json.loads((RESULTS / "results.json").read_text())["rows"]
+    transfer = json.loads((RESULTS / "head_pays" / "results.json").read_text())["rows"]
+    return {
+        "paper": paired(loss["cia"]["recall@1"]["values"], loss["cia_query_self"]["recall@1"]["values"]),
+        "transfer": paired(
+            transfer["cia_detach_distill_listwise_top16"]["recall@1"]["values"],
+            transfer["cia_query_self_detach_distill_listwise_top16"]["recall@1"]["values"],
+        ),
+    }
+
+
+def points_at_49() -> dict[str, dict]:
+    """The 7×7 points, from ``benchmark_token_count.py``'s paired differences (those that have run)."""
+    path = RESULTS / "token_count" / "results.json"
+    wanted = {"paper's head − no conditioning (same lambda)": "paper",
+              "default (transfer) − transfer from no conditioning": "transfer"}  # fmt: skip
+    points = {}
+    for pair in json.loads(path.read_text())["paired"] if path.exists() else []:
+        if pair["pair"] in wanted:
+            r = pair["recall@1"]
+            se = r["standard_error"] * 100 if len(r["differences"]) > 1 else float("nan")
+            points[wanted[pair["pair"]]] = {"mean": r["mean"] * 100, "standard_error": se, "seeds": len(pair["seeds"])}
+    return points
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=HERE.parent / "docs" / "token_count.png")
+    args = parser.parse_args()
+    by_tokens = {16: points_at_16(), 49: points_at_49()}
+    figure = Figure(figsize=(6.0, 3.8), dpi=150)
+    axes = figure.subplots()
+    axes.axhline(0.0, color="grey", linewidth=0.8)
+    for offset, (label, form) in zip((-0.6, 0.6), FORMS.items()):
+        tokens = [t for t in by_tokens if form in by_tokens[t]]
+        means = [by_tokens[t][form]["mean"] for t in tokens]
+        errors = [0.0 if by_tokens[t][form]["standard_error"] != by_tokens[t][form]["standard_error"]
+                  else by_tokens[t][form]["standard_error"] for t in tokens]  # fmt: skip
+        axes.errorbar([t + offset for t in tokens], means, yerr=errors, marker="o", capsize=4, label=label)
+        for t, mean in zip(tokens, means):
+            axes.annotate(f"{by_tokens[t][form]['seeds']} seeds", (t + offset, mean), textcoords="offset points",
+                          xytext=(6, -4 if offset < 0 else 6), fontsize=7)  # fmt: skip
+    axes.set_xticks([16, 49], ["4×4 = 16\n(64 px)", "7×7 = 49\n(112 px)"])
+    axes.set_xlim(4, 61)
+    axes.set_xlabel("head tokens per image (tf_efficientnet_lite0, stride-16 stage)")
+    axes.set_ylabel("CIA − no conditioning\nRecall@1 (points, ± s.e.)")
+    axes.set_title("Emoji: does conditioning help with more tokens?", fontsize=10)
+    axes.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.output)
+    args.output.with_suffix(".json").write_text(json.dumps({str(t): p for t, p in by_tokens.items()}, indent=2))
+    print(json.dumps(by_tokens, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
