@@ -1,13 +1,9 @@
 """EmbeddingIndex: exact search against numpy, approximate recall, pickle-free save/load and its checks, the Hub,
-building from folders and datasets, and the multi-process build under a real ``accelerate launch``."""
+building from folders and datasets (the multi-process build under a real ``accelerate launch``: test_index_build.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import datasets
@@ -278,53 +274,3 @@ def test_from_dataset_uses_class_names_and_id_column(model_and_images) -> None:
     assert index.labels == [Path(f).parent.name for f in files] and index.paths == files
     folder_index = EmbeddingIndex.from_folder(model_dir, images, progress=False)
     np.testing.assert_allclose(index.embeddings, folder_index.embeddings, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_two_process_build_equals_the_single_process_build(tmp_path: Path) -> None:
-    """A real ``accelerate launch`` with 2 CPU processes (gloo): same ids in the same order, same vectors.
-
-    ``--cpu`` would make accelerate use its single-process launcher; ``--multi_gpu`` with ``ACCELERATE_USE_CPU=1``
-    starts 2 processes through torchrun that run on the CPU (DistributedType.MULTI_CPU, gloo).
-    """
-    model_dir = export_tiny_model(tmp_path / "model")
-    images = make_class_folder(tmp_path / "images", classes=4, per_class=5, broken=True)  # 20 images + 1 broken
-    script = tmp_path / "build.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import sys, torch
-            from accelerate import Accelerator
-            torch.set_num_threads(1)
-            from crossmetric.retrieval.build import build_index_distributed
-            accelerator = Accelerator()
-            index = build_index_distributed(
-                sys.argv[1], sys.argv[2], sys.argv[3], batch_size=3, progress=False, accelerator=accelerator
-            )
-            state = accelerator.state
-            role = "main" if index is not None else "worker"
-            with open(f"result-{state.process_index}.txt", "w") as handle:  # not stdout: the processes share it
-                handle.write(f"{role} {state.distributed_type} {state.backend} {state.num_processes}")
-            accelerator.end_training()
-            """
-        )
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", "0",  # 0: accelerate picks a free port
-        str(script), str(model_dir), str(images), str(tmp_path / "index"),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert [(tmp_path / f"result-{rank}.txt").read_text() for rank in (0, 1)] == [
-        "main DistributedType.MULTI_CPU gloo 2",
-        "worker DistributedType.MULTI_CPU gloo 2",
-    ]
-    distributed = EmbeddingIndex.load(tmp_path / "index")
-    single = EmbeddingIndex.from_folder(model_dir, images, batch_size=7, progress=False)
-    assert len(single) == 20 and distributed.ids == single.ids
-    assert distributed.labels == single.labels and distributed.paths == single.paths
-    np.testing.assert_allclose(distributed.embeddings, single.embeddings, atol=1e-5)
-    assert not list(tmp_path.glob(".index.shards*"))  # shards cleaned up
