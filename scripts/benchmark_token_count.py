@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -64,7 +65,7 @@ def plan(args: argparse.Namespace, seed: int) -> list[str]:
     chosen, _ = choose_lambda(args)
     if chosen is None:
         return [*rows, *LAMBDAS]  # both lambdas; the control follows once one is chosen
-    return [*rows, chosen, SELF_AT[chosen]]
+    return [TRANSFER, TRANSFER_SELF, chosen, SELF_AT[chosen], "baseline"]  # both CIA − control pairs first
 
 
 def next_run(args: argparse.Namespace, claimed: set[tuple[str, int]]) -> tuple[str, int] | None:
@@ -81,17 +82,35 @@ def next_run(args: argparse.Namespace, claimed: set[tuple[str, int]]) -> tuple[s
     return None
 
 
+def running_elsewhere(args: argparse.Namespace) -> set[tuple[str, int]]:
+    """The (row, seed) pairs a live ``crossmetric train`` process (another driver's, e.g. one stopped and started
+    again) is running into this ``--output_dir``: not to be started twice, and counted against ``--workers``."""
+    found = set()
+    listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    runs = str(args.output_dir / "runs")
+    for line in listing:
+        words = line.split()
+        if "crossmetric.cli" in words and "train" in words and runs in words and "--run_name" in words:
+            name = words[words.index("--run_name") + 1]
+            row, _, seed = name.rpartition("-seed")
+            if seed.isdigit():
+                found.add((row, int(seed)))
+    return found
+
+
 def run_queue(args: argparse.Namespace, extra: list[str], write: Any) -> None:
     """Runs every (row, seed) of the plan with ``--workers`` processes at once (each one thread: OMP_NUM_THREADS=1),
-    rewriting the tables after each run; a worker with nothing ready waits for the lambda choice."""
+    rewriting the tables after each run; a worker with nothing ready waits for the lambda choice, and runs that a
+    live process already makes (:func:`running_elsewhere`) are waited for, not started again."""
     claimed: set[tuple[str, int]] = set()
     lock, running = threading.Lock(), [0]
 
     def worker() -> None:
         while True:
             with lock:
-                item = next_run(args, claimed)
-                if item is None and running[0] == 0:
+                elsewhere = running_elsewhere(args) - claimed
+                item = next_run(args, claimed | elsewhere) if running[0] + len(elsewhere) < args.workers else None
+                if item is None and running[0] == 0 and not elsewhere:
                     return
                 if item is not None:
                     claimed.add(item)
