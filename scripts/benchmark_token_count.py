@@ -187,6 +187,11 @@ def tabulate(args: argparse.Namespace, extra: list[str], started: float) -> dict
         "paired": differences,
         "missing": missing,
         "wall_seconds": time.perf_counter() - started,
+        "run_seconds": sum(  # each run once: "paper" and its lambda's row are the same runs
+            found.get("wall_seconds", 0.0)
+            for by_seed in {arms[a]: r for a, r in runs.items()}.values()
+            for found in by_seed.values()
+        ),
         "device": f"CPU ({os.cpu_count()} cores), one thread per run",
         "command": " ".join(sys.argv),
     }
@@ -236,7 +241,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"{', '.join(f'{d * 100:+.1f}' for d in m['differences'])} |"
         )
     lines += ["", f"Not run (yet): {', '.join(results['missing']) or 'none'}."]
-    lines.append(f"Wall time so far: {results['wall_seconds'] / 60:.1f} min on {results['device']}.")
+    lines.append(
+        f"Time so far: {results['run_seconds'] / 3600:.1f} h of runs (each one thread, two at a time) on "
+        f"{results['device']}; this driver: {results['wall_seconds'] / 60:.1f} min."
+    )
     return "\n".join(lines)
 
 
