@@ -75,7 +75,9 @@ def main() -> int:
                   else by_tokens[t][form]["standard_error"] for t in tokens]  # fmt: skip
         axes.errorbar([t + offset for t in tokens], means, yerr=errors, marker="o", capsize=4, label=label)
         for t, mean in zip(tokens, means):
-            axes.annotate(f"{by_tokens[t][form]['seeds']} seeds", (t + offset, mean), textcoords="offset points",
+            seeds = by_tokens[t][form]["seeds"]
+            text = f"{seeds} seeds" if seeds > 1 else "1 seed, no s.e. yet"
+            axes.annotate(text, (t + offset, mean), textcoords="offset points",
                           xytext=(6, -4 if offset < 0 else 6), fontsize=7)  # fmt: skip
     axes.set_xticks([16, 49], ["4×4 = 16\n(64 px)", "7×7 = 49\n(112 px)"])
     axes.set_xlim(4, 61)
