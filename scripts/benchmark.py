@@ -127,11 +127,11 @@ def train(row: str, seed: int, args: argparse.Namespace, extra: list[str]) -> di
     command = [sys.executable, "-m", "crossmetric.cli", "train", *run_arguments(row, seed, args, extra)]
     from crossmetric.inference.run_folder import complete_checkpoints
 
-    if complete_checkpoints(summary_path.parent):  # a run cut short (a session's end): go on from its last epoch
+    resuming = bool(complete_checkpoints(summary_path.parent))  # a run cut short (a session's end)
+    if resuming:  # goes on from its last epoch, its log continued
         command += ["--resume_from_checkpoint", "latest"]
-        log_path = log_path.with_name(f"{log_path.stem}-resumed-{len(list(log_path.parent.glob('*')))}.log")
     started = time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if resuming else "w") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     if result.returncode != 0:
         raise RuntimeError(f"{row} seed {seed} failed (exit {result.returncode}); see {log_path}")
