@@ -242,7 +242,7 @@ def markdown(results: dict[str, Any]) -> str:
         )
     lines += ["", f"Not run (yet): {', '.join(results['missing']) or 'none'}."]
     lines.append(
-        f"Time so far: {results['run_seconds'] / 3600:.1f} h of runs (each one thread, two at a time) on "
+        f"Time so far: {results['run_seconds'] / 3600:.1f} h of runs on "
         f"{results['device']}; this driver: {results['wall_seconds'] / 60:.1f} min."
     )
     return "\n".join(lines)
