@@ -89,6 +89,7 @@ ROWS: dict[str, dict[str, Any]] = {
     # `-- --image_size 112` for the head's 7x7 tokens: every row gets the same extra arguments)
     "cia_detach_distill_listwise_top16_stop": {**LISTWISE, "cia_distill_top_k": 16, **STOP_RULE},
     "cia_query_self_lambda_0.3": {**HEAD_BEFORE, "cia_query": "self", "cia_loss_weight": 0.3},
+    "cia_query_shuffled_lambda_0.3": {**HEAD_BEFORE, "cia_query": "shuffled", "cia_loss_weight": 0.3},
 }
 CONTROLS = ("cia_query_self", "cia_query_shuffled")  # conditioning is shown only where CIA beats both (§4)
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi")

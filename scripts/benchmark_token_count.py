@@ -10,7 +10,9 @@ The arms (issue 29 item 2): head off; the head with its loss into the backbone a
 validation, by the mean selected validation Recall@1 over the seeds that ran both, is the ``paper`` arm; later seeds
 run only that lambda); the no-conditioning control at that lambda; today's default (detached head + top-16 list-wise
 transfer, no stop rule) and the same transfer from the no-conditioning head. Floors: raw pixels and the starting
-model of each seed (zero-shot, from the head-off runs).
+model of each seed (zero-shot, from the head-off runs). ``--third_image`` adds, after those of every seed,
+the random-third-image control of both forms (the head conditioned on an image that is neither the query nor its
+partner), which the issue asks for where CIA − no conditioning is not within noise.
 
     OMP_NUM_THREADS=1 python scripts/benchmark_token_count.py --dataset emoji --seeds 0 1 2 \
         --output_dir outputs/tokens_7x7 --results scripts/benchmark_results/emoji_cpu/token_count -- --image_size 112
@@ -33,14 +35,20 @@ from benchmark import METRICS, mean_std, paired, raw_pixel_metrics, train  # noq
 
 LAMBDAS = {"cia": 1.0, "cia_lambda_0.3": 0.3}  # the head's loss into the backbone, lambda 1 and 0.3
 SELF_AT = {"cia": "cia_query_self", "cia_lambda_0.3": "cia_query_self_lambda_0.3"}  # the control at that lambda
+SHUFFLED_AT = {"cia": "cia_query_shuffled", "cia_lambda_0.3": "cia_query_shuffled_lambda_0.3"}  # a random third image
 TRANSFER, TRANSFER_SELF = "cia_detach_distill_listwise_top16", "cia_query_self_detach_distill_listwise_top16"
+TRANSFER_SHUFFLED = "cia_query_shuffled_detach_distill_listwise_top16"
 PAIRS = (  # (label, arm, reference arm): the paired differences each table shows
     ("paper's head − head off", "paper", "baseline"),
     ("paper's head − no conditioning (same lambda)", "paper", "paper_self"),
     ("default (transfer) − head off", TRANSFER, "baseline"),
     ("default (transfer) − transfer from no conditioning", TRANSFER, TRANSFER_SELF),
+    ("paper's head − random third image (same lambda)", "paper", "paper_shuffled"),
+    ("default (transfer) − transfer from a random third image", TRANSFER, TRANSFER_SHUFFLED),
     ("no conditioning (same lambda) − head off", "paper_self", "baseline"),
     ("transfer from no conditioning − head off", TRANSFER_SELF, "baseline"),
+    ("random third image (same lambda) − head off", "paper_shuffled", "baseline"),
+    ("transfer from a random third image − head off", TRANSFER_SHUFFLED, "baseline"),
 )
 
 
@@ -79,6 +87,11 @@ def next_run(args: argparse.Namespace, claimed: set[tuple[str, int]]) -> tuple[s
         for row in rows:
             if (row, seed) not in claimed:
                 return row, seed
+    if args.third_image and (chosen := choose_lambda(args)[0]) is not None:  # both forms' third control, seed by seed
+        for seed in args.seeds:
+            for row in (TRANSFER_SHUFFLED, SHUFFLED_AT[chosen]):
+                if (row, seed) not in claimed:
+                    return row, seed
     return None
 
 
@@ -135,8 +148,9 @@ def run_queue(args: argparse.Namespace, extra: list[str], write: Any) -> None:
 def tabulate(args: argparse.Namespace, extra: list[str], started: float) -> dict[str, Any]:
     chosen, chosen_on = choose_lambda(args)
     arms = {"baseline": "baseline", TRANSFER: TRANSFER, TRANSFER_SELF: TRANSFER_SELF, **{r: r for r in LAMBDAS}}
+    arms[TRANSFER_SHUFFLED] = TRANSFER_SHUFFLED
     if chosen:
-        arms.update(paper=chosen, paper_self=SELF_AT[chosen])
+        arms.update(paper=chosen, paper_self=SELF_AT[chosen], paper_shuffled=SHUFFLED_AT[chosen])
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for arm, row in arms.items():
         runs[arm] = {s: found for s in args.seeds if (found := summary(args, row, s)) is not None}
@@ -175,6 +189,9 @@ def tabulate(args: argparse.Namespace, extra: list[str], started: float) -> dict
     expected += [(row, args.seeds[0]) for row in LAMBDAS]  # the first seed chooses lambda, the others run its row
     paper, control = (chosen, SELF_AT[chosen]) if chosen else ("cia (chosen lambda)", "cia_query_self (same lambda)")
     expected += [(paper, s) for s in args.seeds[1:]] + [(control, s) for s in args.seeds]
+    if args.third_image:
+        third = SHUFFLED_AT[chosen] if chosen else "cia_query_shuffled (same lambda)"
+        expected += [(row, s) for s in args.seeds for row in (TRANSFER_SHUFFLED, third)]
     missing = [f"{row} seed {s}" for row, s in expected if summary(args, row, s) is None]
     return {
         "dataset": args.dataset,
@@ -221,7 +238,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{', '.join(f'{v * 100:.1f}' for v in zero['recall@1'])} | – | – |"
         )
     for arm, row in results["rows"].items():
-        if arm in ("paper", "paper_self"):
+        if arm in ("paper", "paper_self", "paper_shuffled"):
             continue  # the same runs as their lambda rows
         tokens = (row["head_tokens"] or "head off").removeprefix("head tokens: ").split(" per image")[0]
         lines.append(
@@ -257,6 +274,9 @@ def main() -> int:
     parser.add_argument("--results", type=Path, required=True, help="folder of results.json and results.md")
     parser.add_argument("--workers", type=int, default=1, help="runs at once (give each one thread)")
     parser.add_argument("--collect_only", action="store_true", help="tabulate what exists; train nothing")
+    parser.add_argument(
+        "--third_image", action="store_true", help="also the random-third-image control of both forms, after the rest"
+    )
     args, extra = parser.parse_known_args()
     extra = [e for e in extra if e != "--"]
     # what benchmark.train() reads from its namespace
