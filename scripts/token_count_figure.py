@@ -1,8 +1,9 @@
-"""Issue 29's figure: CIA − its no-conditioning control (Recall@1, points, ± standard error) against tokens per image.
+"""Issue 29's figure: CIA − each control (Recall@1, points, ± standard error) against tokens per image.
 
-One line per form of the head: its loss into the backbone (the paper's way, against the control at the same lambda)
-and the default transfer (detached head + top-16 list-wise transfer, against the same transfer from the
-no-conditioning head). Each point is a paired per-seed difference on emoji's test split; the seeds behind each point
+One colour per form of the head: its loss into the backbone (the paper's way, against the controls at the same
+lambda) and the default transfer (detached head + top-16 list-wise transfer, against the same transfer from the
+control heads). Solid lines: against the no-conditioning control; dashed: against the random-third-image control
+(where it has run). Each point is a paired per-seed difference on emoji's test split; the seeds behind each point
 are printed beside it. Reads the committed benchmark tables, writes ``docs/token_count.png`` and a JSON of the points:
 
 - 4×4 = 16 tokens (64 px, stride-16 stage): ``emoji_cpu/results.json`` (loss into the backbone, lambda 1, 5 seeds)
@@ -25,6 +26,7 @@ from matplotlib.figure import Figure
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "benchmark_results" / "emoji_cpu"
 FORMS = {"loss into the backbone (paper)": "paper", "detached head + transfer (default)": "transfer"}
+CONTROLS = {"no conditioning": ("self", "-", "o"), "random third image": ("shuffled", "--", "s")}  # key, line, marker
 
 
 def paired(values: list[float], reference: list[float]) -> dict[str, float | int]:
@@ -37,20 +39,25 @@ def points_at_16() -> dict[str, dict]:
     """The 4×4 points, from the 5-seed tables of the earlier issues."""
     loss = json.loads((RESULTS / "results.json").read_text())["rows"]
     transfer = json.loads((RESULTS / "head_pays" / "results.json").read_text())["rows"]
-    return {
-        "paper": paired(loss["cia"]["recall@1"]["values"], loss["cia_query_self"]["recall@1"]["values"]),
-        "transfer": paired(
+    points = {}
+    for control, _, _ in CONTROLS.values():
+        points[f"paper_{control}"] = paired(
+            loss["cia"]["recall@1"]["values"], loss[f"cia_query_{control}"]["recall@1"]["values"]
+        )
+        points[f"transfer_{control}"] = paired(
             transfer["cia_detach_distill_listwise_top16"]["recall@1"]["values"],
-            transfer["cia_query_self_detach_distill_listwise_top16"]["recall@1"]["values"],
-        ),
-    }
+            transfer[f"cia_query_{control}_detach_distill_listwise_top16"]["recall@1"]["values"],
+        )
+    return points
 
 
 def points_at_49() -> dict[str, dict]:
     """The 7×7 points, from ``benchmark_token_count.py``'s paired differences (those that have run)."""
     path = RESULTS / "token_count" / "results.json"
-    wanted = {"paper's head − no conditioning (same lambda)": "paper",
-              "default (transfer) − transfer from no conditioning": "transfer"}  # fmt: skip
+    wanted = {"paper's head − no conditioning (same lambda)": "paper_self",
+              "default (transfer) − transfer from no conditioning": "transfer_self",
+              "paper's head − random third image (same lambda)": "paper_shuffled",
+              "default (transfer) − transfer from a random third image": "transfer_shuffled"}  # fmt: skip
     points = {}
     for pair in json.loads(path.read_text())["paired"] if path.exists() else []:
         if pair["pair"] in wanted:
@@ -65,26 +72,35 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=HERE.parent / "docs" / "token_count.png")
     args = parser.parse_args()
     by_tokens = {16: points_at_16(), 49: points_at_49()}
-    figure = Figure(figsize=(6.0, 3.8), dpi=150)
+    figure = Figure(figsize=(6.4, 4.2), dpi=150)
     axes = figure.subplots()
     axes.axhline(0.0, color="grey", linewidth=0.8)
-    for offset, (label, form) in zip((-0.6, 0.6), FORMS.items()):
+    lines = [(f"{form_label}, − {control_label}", f"{form}_{control}", style, marker, colour)
+             for colour, (form_label, form) in zip(("C0", "C1"), FORMS.items())
+             for control_label, (control, style, marker) in CONTROLS.items()]  # fmt: skip
+    seeds_at = {t: {p["seeds"] for p in points.values()} for t, points in by_tokens.items()}
+    for offset, (label, form, style, marker, colour) in zip((-1.5, -0.5, 0.5, 1.5), lines):
         tokens = [t for t in by_tokens if form in by_tokens[t]]
         means = [by_tokens[t][form]["mean"] for t in tokens]
         errors = [0.0 if by_tokens[t][form]["standard_error"] != by_tokens[t][form]["standard_error"]
                   else by_tokens[t][form]["standard_error"] for t in tokens]  # fmt: skip
-        axes.errorbar([t + offset for t in tokens], means, yerr=errors, marker="o", capsize=4, label=label)
+        axes.errorbar([t + offset for t in tokens], means, yerr=errors, marker=marker, capsize=4, label=label,
+                      linestyle=style, color=colour, fillstyle="full" if marker == "o" else "none")  # fmt: skip
         for t, mean in zip(tokens, means):
+            if len(seeds_at[t]) == 1:
+                continue  # every point there has the same seeds: the tick label says how many
             seeds = by_tokens[t][form]["seeds"]
             text = f"{seeds} seeds" if seeds > 1 else "1 seed, no s.e. yet"
             axes.annotate(text, (t + offset, mean), textcoords="offset points",
-                          xytext=(6, -4 if offset < 0 else 6), fontsize=7)  # fmt: skip
-    axes.set_xticks([16, 49], ["4×4 = 16\n(64 px)", "7×7 = 49\n(112 px)"])
+                          xytext=(6, -4 if offset < 0 else 6), fontsize=6)  # fmt: skip
+    ticks = {16: "4×4 = 16\n(64 px", 49: "7×7 = 49\n(112 px"}
+    axes.set_xticks(list(ticks), [text + (f", {next(iter(seeds_at[t]))} seeds)" if len(seeds_at[t]) == 1 else ")")
+                                  for t, text in ticks.items()])  # fmt: skip
     axes.set_xlim(4, 61)
     axes.set_xlabel("head tokens per image (tf_efficientnet_lite0, stride-16 stage)")
-    axes.set_ylabel("CIA − no conditioning\nRecall@1 (points, ± s.e.)")
+    axes.set_ylabel("CIA − control\nRecall@1 (points, ± s.e.)")
     axes.set_title("Emoji: does conditioning help with more tokens?", fontsize=10)
-    axes.legend(fontsize=8, loc="best")
+    axes.legend(fontsize=6.5, loc="best")
     figure.tight_layout()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.output)
