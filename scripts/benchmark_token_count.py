@@ -10,9 +10,13 @@ The arms (issue 29 item 2): head off; the head with its loss into the backbone a
 validation, by the mean selected validation Recall@1 over the seeds that ran both, is the ``paper`` arm; later seeds
 run only that lambda); the no-conditioning control at that lambda; today's default (detached head + top-16 list-wise
 transfer, no stop rule) and the same transfer from the no-conditioning head. Floors: raw pixels and the starting
-model of each seed (zero-shot, from the head-off runs). ``--third_image`` adds, after those of every seed,
-the random-third-image control of both forms (the head conditioned on an image that is neither the query nor its
-partner), which the issue asks for where CIA − no conditioning is not within noise.
+model of each seed (zero-shot, from the head-off runs).
+
+Where CIA − no conditioning is not within noise once every seed has run both (its mean above two standard errors),
+the issue asks for more; a form within noise stops there. ``--third_image`` then adds the random-third-image control
+(the head conditioned on an image that is neither the query nor its partner) of each such form, and
+``--confirm_seeds 3 4`` runs CIA and both controls of the form with the larger gap at those seeds too (5 seeds in
+all), then head off at them.
 
     OMP_NUM_THREADS=1 python scripts/benchmark_token_count.py --dataset emoji --seeds 0 1 2 \
         --output_dir outputs/tokens_7x7 --results scripts/benchmark_results/emoji_cpu/token_count -- --image_size 112
@@ -76,6 +80,38 @@ def plan(args: argparse.Namespace, seed: int) -> list[str]:
     return [TRANSFER, TRANSFER_SELF, chosen, SELF_AT[chosen], "baseline"]  # both CIA − control pairs first
 
 
+def forms_not_within_noise(args: argparse.Namespace) -> list[str] | None:
+    """The forms (``paper``, ``transfer``) whose CIA − no conditioning (Recall@1, paired over ``--seeds``) is above
+    two standard errors, the larger gap first; None until every seed has run both arms of both forms."""
+    chosen = choose_lambda(args)[0]
+    if chosen is None:
+        return None
+    gaps = {}
+    for form, (arm, control) in {"paper": (chosen, SELF_AT[chosen]), "transfer": (TRANSFER, TRANSFER_SELF)}.items():
+        found = [(summary(args, arm, s), summary(args, control, s)) for s in args.seeds]
+        if not all(a and c for a, c in found):
+            return None
+        difference = paired([a["final"]["recall@1"] for a, _ in found], [c["final"]["recall@1"] for _, c in found])
+        if difference["mean"] > 2 * difference["standard_error"]:
+            gaps[form] = difference["mean"]
+    return sorted(gaps, key=lambda form: -gaps[form])
+
+
+def follow_up(args: argparse.Namespace) -> list[tuple[str, int]] | None:
+    """The runs ``--third_image`` and ``--confirm_seeds`` add, in order (None: not decided yet)."""
+    forms = forms_not_within_noise(args) if args.third_image or args.confirm_seeds else []
+    if forms is None:
+        return None
+    chosen = choose_lambda(args)[0]
+    arms = {"paper": (chosen, SELF_AT[chosen], SHUFFLED_AT[chosen]),
+            "transfer": (TRANSFER, TRANSFER_SELF, TRANSFER_SHUFFLED)}  # fmt: skip
+    runs = [(arms[f][2], s) for s in args.seeds for f in forms] if args.third_image else []
+    if forms and args.confirm_seeds:
+        runs += [(row, s) for s in args.confirm_seeds for row in arms[forms[0]]]
+        runs += [("baseline", s) for s in args.confirm_seeds]
+    return runs
+
+
 def next_run(args: argparse.Namespace, claimed: set[tuple[str, int]]) -> tuple[str, int] | None:
     """The first (row, seed) in seed order that no worker has taken and whose lambda is known (None: nothing ready)."""
     for seed in args.seeds:
@@ -87,12 +123,7 @@ def next_run(args: argparse.Namespace, claimed: set[tuple[str, int]]) -> tuple[s
         for row in rows:
             if (row, seed) not in claimed:
                 return row, seed
-    if args.third_image and (chosen := choose_lambda(args)[0]) is not None:  # both forms' third control, seed by seed
-        for seed in args.seeds:
-            for row in (TRANSFER_SHUFFLED, SHUFFLED_AT[chosen]):
-                if (row, seed) not in claimed:
-                    return row, seed
-    return None
+    return next((run for run in follow_up(args) or [] if run not in claimed), None)
 
 
 def running_elsewhere(args: argparse.Namespace) -> set[tuple[str, int]]:
@@ -153,7 +184,8 @@ def tabulate(args: argparse.Namespace, extra: list[str], started: float) -> dict
         arms.update(paper=chosen, paper_self=SELF_AT[chosen], paper_shuffled=SHUFFLED_AT[chosen])
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     for arm, row in arms.items():
-        runs[arm] = {s: found for s in args.seeds if (found := summary(args, row, s)) is not None}
+        seeds = [*args.seeds, *args.confirm_seeds]
+        runs[arm] = {s: found for s in seeds if (found := summary(args, row, s)) is not None}
     rows = {}
     for arm, by_seed in runs.items():
         if not by_seed:
@@ -189,9 +221,7 @@ def tabulate(args: argparse.Namespace, extra: list[str], started: float) -> dict
     expected += [(row, args.seeds[0]) for row in LAMBDAS]  # the first seed chooses lambda, the others run its row
     paper, control = (chosen, SELF_AT[chosen]) if chosen else ("cia (chosen lambda)", "cia_query_self (same lambda)")
     expected += [(paper, s) for s in args.seeds[1:]] + [(control, s) for s in args.seeds]
-    if args.third_image:
-        third = SHUFFLED_AT[chosen] if chosen else "cia_query_shuffled (same lambda)"
-        expected += [(row, s) for s in args.seeds for row in (TRANSFER_SHUFFLED, third)]
+    expected += follow_up(args) or []
     missing = [f"{row} seed {s}" for row, s in expected if summary(args, row, s) is None]
     return {
         "dataset": args.dataset,
@@ -202,6 +232,7 @@ def tabulate(args: argparse.Namespace, extra: list[str], started: float) -> dict
         "zero_shot_seeds": sorted(zero),
         "rows": rows,
         "paired": differences,
+        "forms_not_within_noise": forms_not_within_noise(args),  # None: not every seed has run both of each form
         "missing": missing,
         "wall_seconds": time.perf_counter() - started,
         "run_seconds": sum(  # each run once: "paper" and its lambda's row are the same runs
@@ -257,6 +288,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"{m['mean'] * 100:+.2f} ± {m['standard_error'] * 100:.2f} | "
             f"{', '.join(f'{d * 100:+.1f}' for d in m['differences'])} |"
         )
+    forms = results["forms_not_within_noise"]
+    if forms is not None:
+        lines += ["", f"CIA − no conditioning above 2 s.e. over seeds {', '.join(map(str, results['seeds']))}: "
+                  f"{', '.join(forms) or 'neither form (both within noise: the issue stops there)'}."]  # fmt: skip
     lines += ["", f"Not run (yet): {', '.join(results['missing']) or 'none'}."]
     lines.append(
         f"Time so far: {results['run_seconds'] / 3600:.1f} h of runs on "
@@ -275,7 +310,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="runs at once (give each one thread)")
     parser.add_argument("--collect_only", action="store_true", help="tabulate what exists; train nothing")
     parser.add_argument(
-        "--third_image", action="store_true", help="also the random-third-image control of both forms, after the rest"
+        "--third_image", action="store_true", help="the random-third-image control of each form not within noise"
+    )
+    parser.add_argument(
+        "--confirm_seeds", nargs="*", type=int, default=[], help="more seeds for the form with the larger gap"
     )
     args, extra = parser.parse_known_args()
     extra = [e for e in extra if e != "--"]
