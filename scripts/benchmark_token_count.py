@@ -269,7 +269,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{', '.join(f'{v * 100:.1f}' for v in zero['recall@1'])} | – | – |"
         )
     for arm, row in results["rows"].items():
-        if arm in ("paper", "paper_self", "paper_shuffled"):
+        if arm == "paper":
             continue  # the same runs as their lambda rows
         tokens = (row["head_tokens"] or "head off").removeprefix("head tokens: ").split(" per image")[0]
         lines.append(
