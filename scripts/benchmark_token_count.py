@@ -18,8 +18,9 @@ the issue asks for more; a form within noise stops there. ``--third_image`` then
 ``--confirm_seeds 3 4`` runs CIA and both controls of the form with the larger gap at those seeds too (5 seeds in
 all), then head off at them.
 
-    OMP_NUM_THREADS=1 python scripts/benchmark_token_count.py --dataset emoji --seeds 0 1 2 \
-        --output_dir outputs/tokens_7x7 --results scripts/benchmark_results/emoji_cpu/token_count -- --image_size 112
+    OMP_NUM_THREADS=1 python scripts/benchmark_token_count.py --dataset emoji --seeds 0 1 2 --workers 2 \
+        --third_image --confirm_seeds 3 4 --output_dir outputs/tokens_7x7 \
+        --results scripts/benchmark_results/emoji_cpu/token_count -- --image_size 112
 """
 
 from __future__ import annotations
