@@ -184,9 +184,9 @@ def tabulate(args: argparse.Namespace, extra: list[str], started: float) -> dict
     if chosen:
         arms.update(paper=chosen, paper_self=SELF_AT[chosen], paper_shuffled=SHUFFLED_AT[chosen])
     runs: dict[str, dict[int, dict[str, Any]]] = {}
+    every_seed = [*args.seeds, *args.confirm_seeds]
     for arm, row in arms.items():
-        seeds = [*args.seeds, *args.confirm_seeds]
-        runs[arm] = {s: found for s in seeds if (found := summary(args, row, s)) is not None}
+        runs[arm] = {s: found for s in every_seed if (found := summary(args, row, s)) is not None}
     rows = {}
     for arm, by_seed in runs.items():
         if not by_seed:
