@@ -65,6 +65,8 @@ def summary(args: argparse.Namespace, row: str, seed: int) -> dict[str, Any] | N
 def choose_lambda(args: argparse.Namespace) -> tuple[str | None, list[int]]:
     """The lambda row with the better mean selected validation Recall@1 over the seeds that ran both (None: none
     did), and those seeds."""
+    if args.lambda_row:  # fixed by the caller (chosen at another size): no lambda runs here
+        return args.lambda_row, []
     seeds = [s for s in args.seeds if all(summary(args, row, s) for row in LAMBDAS)]
     if not seeds:
         return None, []
@@ -74,21 +76,24 @@ def choose_lambda(args: argparse.Namespace) -> tuple[str | None, list[int]]:
 
 def plan(args: argparse.Namespace, seed: int) -> list[str]:
     """The rows of one seed, in order; the lambda arms wait for the choice made on the first seed."""
-    rows = [TRANSFER, TRANSFER_SELF, "baseline"]  # the pair that answers CIA − control first, on a short budget
+    transfer = [TRANSFER, TRANSFER_SELF] if "transfer" in args.forms else []  # CIA − control first: short budgets
     chosen, _ = choose_lambda(args)
+    if "paper" not in args.forms:
+        return [*transfer, "baseline"]
     if chosen is None:
-        return [*rows, *LAMBDAS]  # both lambdas; the control follows once one is chosen
-    return [TRANSFER, TRANSFER_SELF, chosen, SELF_AT[chosen], "baseline"]  # both CIA − control pairs first
+        return [*transfer, "baseline", *LAMBDAS]  # both lambdas; the control follows once one is chosen
+    return [*transfer, chosen, SELF_AT[chosen], "baseline"]  # both CIA − control pairs first
 
 
 def forms_not_within_noise(args: argparse.Namespace) -> list[str] | None:
     """The forms (``paper``, ``transfer``) whose CIA − no conditioning (Recall@1, paired over ``--seeds``) is above
     two standard errors, the larger gap first; None until every seed has run both arms of both forms."""
     chosen = choose_lambda(args)[0]
-    if chosen is None:
+    if chosen is None and "paper" in args.forms:
         return None
+    pairs = {"paper": (chosen, SELF_AT.get(chosen)), "transfer": (TRANSFER, TRANSFER_SELF)}
     gaps = {}
-    for form, (arm, control) in {"paper": (chosen, SELF_AT[chosen]), "transfer": (TRANSFER, TRANSFER_SELF)}.items():
+    for form, (arm, control) in ((f, pairs[f]) for f in args.forms):
         found = [(summary(args, arm, s), summary(args, control, s)) for s in args.seeds]
         if not all(a and c for a, c in found):
             return None
@@ -104,7 +109,7 @@ def follow_up(args: argparse.Namespace) -> list[tuple[str, int]] | None:
     if forms is None:
         return None
     chosen = choose_lambda(args)[0]
-    arms = {"paper": (chosen, SELF_AT[chosen], SHUFFLED_AT[chosen]),
+    arms = {"paper": (chosen, SELF_AT.get(chosen), SHUFFLED_AT.get(chosen)),
             "transfer": (TRANSFER, TRANSFER_SELF, TRANSFER_SHUFFLED)}  # fmt: skip
     runs = [(arms[f][2], s) for s in args.seeds for f in forms] if args.third_image else []
     if forms and args.confirm_seeds:
@@ -118,9 +123,11 @@ def next_run(args: argparse.Namespace, claimed: set[tuple[str, int]]) -> tuple[s
     for seed in args.seeds:
         rows = plan(args, seed)
         if (chosen := choose_lambda(args)[0]) is not None:
-            rows.append(SELF_AT[chosen])  # seed 0's control, once its lambda is chosen
+            if "paper" in args.forms:
+                rows.append(SELF_AT[chosen])  # seed 0's control, once its lambda is chosen
         else:  # the first seed's lambdas first, so the choice comes early; later seeds run only the chosen one
-            rows = [*LAMBDAS, *rows[:3]] if seed == args.seeds[0] else rows[:3]
+            rows = [row for row in rows if row not in LAMBDAS]
+            rows = [*LAMBDAS, *rows] if seed == args.seeds[0] else rows
         for row in rows:
             if (row, seed) not in claimed:
                 return row, seed
@@ -218,17 +225,27 @@ def tabulate(args: argparse.Namespace, extra: list[str], started: float) -> dict
                     [runs[arm][s]["final"][m] for s in common], [runs[reference][s]["final"][m] for s in common]
                 )
             differences.append(pair)
-    expected = [(row, s) for s in args.seeds for row in ["baseline", TRANSFER, TRANSFER_SELF]]
-    expected += [(row, args.seeds[0]) for row in LAMBDAS]  # the first seed chooses lambda, the others run its row
+    transfer = [TRANSFER, TRANSFER_SELF] if "transfer" in args.forms else []
+    expected = [(row, s) for s in args.seeds for row in ["baseline", *transfer]]
     paper, control = (chosen, SELF_AT[chosen]) if chosen else ("cia (chosen lambda)", "cia_query_self (same lambda)")
-    expected += [(paper, s) for s in args.seeds[1:]] + [(control, s) for s in args.seeds]
+    if "paper" in args.forms:
+        if not args.lambda_row:  # the first seed chooses lambda, the others run its row
+            expected += [(row, args.seeds[0]) for row in LAMBDAS]
+        expected += [(paper, s) for s in args.seeds[1 if not args.lambda_row else 0 :]]
+        expected += [(control, s) for s in args.seeds]
     expected += follow_up(args) or []
     missing = [f"{row} seed {s}" for row, s in expected if summary(args, row, s) is None]
     return {
         "dataset": args.dataset,
         "extra_arguments": extra,
         "seeds": args.seeds,
-        "lambda": {"chosen": chosen, "value": LAMBDAS.get(chosen), "chosen_on_validation_of_seeds": chosen_on},
+        "lambda": {
+            "chosen": chosen,
+            "value": LAMBDAS.get(chosen),
+            "chosen_on_validation_of_seeds": chosen_on,
+            "fixed_by": args.lambda_note if args.lambda_row else None,
+        },  # fmt: skip
+        "forms": args.forms,
         "floors": {"raw_pixels": args.raw_pixels, "zero_shot": {m: [z[m] for z in zero.values()] for m in METRICS}},
         "zero_shot_seeds": sorted(zero),
         "rows": rows,
@@ -252,10 +269,11 @@ def markdown(results: dict[str, Any]) -> str:
         return f"{mean * 100:.2f} ± {std * 100:.2f}"
 
     lam = results["lambda"]
+    chosen_on = f"seeds {', '.join(map(str, lam['chosen_on_validation_of_seeds'])) or '–'}"
     lines = [
-        f"Emoji arms at `{' '.join(results['extra_arguments'])}`; mean ± std over the seeds listed; "
-        f"lambda of the paper's head chosen on validation: {lam['chosen'] or 'not yet'} "
-        f"(seeds {', '.join(map(str, lam['chosen_on_validation_of_seeds'])) or '–'}).",
+        f"{results['dataset'].capitalize()} arms at `{' '.join(results['extra_arguments'])}`; mean ± std over the "
+        f"seeds listed; lambda of the paper's head chosen on validation: {lam['chosen'] or 'not yet'} "
+        f"({lam.get('fixed_by') or chosen_on}).",
         "",
         "| row | seeds | tokens | R@1 | MAP@R | R@1 per seed | validation R@1 | step s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -315,6 +333,17 @@ def main() -> int:
     )
     parser.add_argument(
         "--confirm_seeds", nargs="*", type=int, default=[], help="more seeds for the form with the larger gap"
+    )
+    parser.add_argument(
+        "--forms", nargs="+", choices=["paper", "transfer"], default=["paper", "transfer"],
+        help="the forms to run: the head's loss into the backbone (paper) and the detached head's transfer",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lambda_row", choices=sorted(LAMBDAS), default=None,
+        help="fix the paper form's lambda (chosen at another size) instead of choosing it on the first seed",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lambda_note", default="fixed by --lambda_row", help="where the fixed lambda was chosen, for the tables"
     )
     args, extra = parser.parse_known_args()
     extra = [e for e in extra if e != "--"]

@@ -8,6 +8,8 @@ are printed beside it. Reads the committed benchmark tables, writes ``docs/token
 
 - 4×4 = 16 tokens (64 px, stride-16 stage): ``emoji_cpu/results.json`` (loss into the backbone, lambda 1, 5 seeds)
   and ``emoji_cpu/head_pays/results.json`` (transfer, 5 seeds);
+- 5×5 = 25 tokens (80 px, emoji's stored size, stride-16 stage): ``emoji_cpu/token_count_5x5/results.json``
+  (``benchmark_token_count.py --forms paper``, lambda fixed at the one chosen at 7×7), where it has run;
 - 7×7 = 49 tokens (112 px, stride-16 stage): ``emoji_cpu/token_count/results.json`` (``benchmark_token_count.py``),
   whichever seeds have run.
 
@@ -51,9 +53,9 @@ def points_at_16() -> dict[str, dict]:
     return points
 
 
-def points_at_49() -> dict[str, dict]:
-    """The 7×7 points, from ``benchmark_token_count.py``'s paired differences (those that have run)."""
-    path = RESULTS / "token_count" / "results.json"
+def points_from(folder: str) -> dict[str, dict]:
+    """The points of one size, from ``benchmark_token_count.py``'s paired differences (those that have run)."""
+    path = RESULTS / folder / "results.json"
     wanted = {"paper's head − no conditioning (same lambda)": "paper_self",
               "default (transfer) − transfer from no conditioning": "transfer_self",
               "paper's head − random third image (same lambda)": "paper_shuffled",
@@ -71,7 +73,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=HERE.parent / "docs" / "token_count.png")
     args = parser.parse_args()
-    by_tokens = {16: points_at_16(), 49: points_at_49()}
+    by_tokens = {16: points_at_16(), 25: points_from("token_count_5x5"), 49: points_from("token_count")}
+    by_tokens = {tokens: points for tokens, points in by_tokens.items() if points}
     figure = Figure(figsize=(6.4, 4.2), dpi=150)
     axes = figure.subplots()
     axes.axhline(0.0, color="grey", linewidth=0.8)
@@ -93,7 +96,8 @@ def main() -> int:
             text = f"{seeds} seeds" if seeds > 1 else "1 seed, no s.e. yet"
             axes.annotate(text, (t + offset, mean), textcoords="offset points",
                           xytext=(6, -4 if offset < 0 else 6), fontsize=6)  # fmt: skip
-    ticks = {16: "4×4 = 16\n(64 px", 49: "7×7 = 49\n(112 px"}
+    ticks = {16: "4×4 = 16\n(64 px", 25: "5×5 = 25\n(80 px", 49: "7×7 = 49\n(112 px"}
+    ticks = {tokens: text for tokens, text in ticks.items() if tokens in by_tokens}
     axes.set_xticks(list(ticks), [text + (f", {next(iter(seeds_at[t]))} seeds)" if len(seeds_at[t]) == 1 else ")")
                                   for t, text in ticks.items()])  # fmt: skip
     axes.set_xlim(4, 61)
