@@ -121,7 +121,7 @@ def follow_up(args: argparse.Namespace) -> list[tuple[str, int]] | None:
 def next_run(args: argparse.Namespace, claimed: set[tuple[str, int]]) -> tuple[str, int] | None:
     """The first (row, seed) in seed order that no worker has taken and whose lambda is known (None: nothing ready)."""
     for seed in args.seeds:
-        rows = plan(args, seed)
+        rows = [row for row in plan(args, seed) if not (args.head_off_last and row == "baseline")]
         if (chosen := choose_lambda(args)[0]) is not None:
             if "paper" in args.forms:
                 rows.append(SELF_AT[chosen])  # seed 0's control, once its lambda is chosen
@@ -131,6 +131,8 @@ def next_run(args: argparse.Namespace, claimed: set[tuple[str, int]]) -> tuple[s
         for row in rows:
             if (row, seed) not in claimed:
                 return row, seed
+    if args.head_off_last and (last := [("baseline", s) for s in args.seeds if ("baseline", s) not in claimed]):
+        return last[0]
     return next((run for run in follow_up(args) or [] if run not in claimed), None)
 
 
@@ -345,6 +347,10 @@ def main() -> int:
     parser.add_argument(
         "--lambda_note", default="fixed by --lambda_row", help="where the fixed lambda was chosen, for the tables"
     )
+    parser.add_argument(
+        "--head_off_last", action="store_true",
+        help="run head off after every seed's CIA − control pairs (a short budget gets the pairs first)",
+    )  # fmt: skip
     args, extra = parser.parse_known_args()
     extra = [e for e in extra if e != "--"]
     # what benchmark.train() reads from its namespace
