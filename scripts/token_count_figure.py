@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "benchmark_results" / "emoji_cpu"
-FORMS = {"loss into the backbone (paper)": "paper", "detached head + transfer (default)": "transfer"}
+FORMS = {"loss into the backbone (paper)": "paper", "transfer (default)": "transfer"}
 CONTROLS = {"no conditioning": ("self", "-", "o"), "random third image": ("shuffled", "--", "s")}  # key, line, marker
 
 
@@ -78,7 +78,7 @@ def main() -> int:
     figure = Figure(figsize=(6.4, 4.2), dpi=150)
     axes = figure.subplots()
     axes.axhline(0.0, color="grey", linewidth=0.8)
-    lines = [(f"{form_label}, − {control_label}", f"{form}_{control}", style, marker, colour)
+    lines = [(f"{form_label} − {control_label}", f"{form}_{control}", style, marker, colour)
              for colour, (form_label, form) in zip(("C0", "C1"), FORMS.items())
              for control_label, (control, style, marker) in CONTROLS.items()]  # fmt: skip
     seeds_at = {t: {p["seeds"] for p in points.values()} for t, points in by_tokens.items()}
@@ -96,15 +96,18 @@ def main() -> int:
             text = f"{seeds} seeds" if seeds > 1 else "1 seed, no s.e. yet"
             axes.annotate(text, (t + offset, mean), textcoords="offset points",
                           xytext=(6, -4 if offset < 0 else 6), fontsize=6)  # fmt: skip
-    ticks = {16: "4×4 = 16\n(64 px", 25: "5×5 = 25\n(80 px", 49: "7×7 = 49\n(112 px"}
+    ticks = {16: "4×4 = 16\n64 px\nλ = 1", 25: "5×5 = 25\n80 px\nλ = 0.3", 49: "7×7 = 49\n112 px\nλ = 0.3"}
     ticks = {tokens: text for tokens, text in ticks.items() if tokens in by_tokens}
-    axes.set_xticks(list(ticks), [text + (f", {next(iter(seeds_at[t]))} seeds)" if len(seeds_at[t]) == 1 else ")")
-                                  for t, text in ticks.items()])  # fmt: skip
-    axes.set_xlim(4, 61)
-    axes.set_xlabel("head tokens per image (tf_efficientnet_lite0, stride-16 stage)")
+    seeds_line = {t: f"\n{n} seed{'s' if n > 1 else ''}" for t in ticks if len(seeds_at[t]) == 1
+                  for n in seeds_at[t]}  # fmt: skip
+    axes.set_xticks(list(ticks), [text + seeds_line.get(t, "") for t, text in ticks.items()], fontsize=7)
+    axes.set_xlim(8, 57)
+    axes.set_xlabel("head tokens per image (lite0, stride-16 stage); λ: the weight of the head's loss", fontsize=8)
     axes.set_ylabel("CIA − control\nRecall@1 (points, ± s.e.)")
     axes.set_title("Emoji: does conditioning help with more tokens?", fontsize=10)
-    axes.legend(fontsize=6.5, loc="best")
+    low, high = axes.get_ylim()
+    axes.set_ylim(low, high + 0.45 * (high - low))  # room above the points for the legend
+    axes.legend(fontsize=6.5, loc="upper center", ncol=2)
     figure.tight_layout()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.output)
