@@ -131,8 +131,10 @@ def next_run(args: argparse.Namespace, claimed: set[tuple[str, int]]) -> tuple[s
         for row in rows:
             if (row, seed) not in claimed:
                 return row, seed
-    if args.head_off_last and (last := [("baseline", s) for s in args.seeds if ("baseline", s) not in claimed]):
-        return last[0]
+    if args.head_off_last and (
+        last := next((("baseline", s) for s in args.seeds if ("baseline", s) not in claimed), None)
+    ):
+        return last
     return next((run for run in follow_up(args) or [] if run not in claimed), None)
 
 
@@ -246,7 +248,7 @@ def tabulate(args: argparse.Namespace, extra: list[str], started: float) -> dict
             "value": LAMBDAS.get(chosen),
             "chosen_on_validation_of_seeds": chosen_on,
             "fixed_by": args.lambda_note if args.lambda_row else None,
-        },  # fmt: skip
+        },
         "forms": args.forms,
         "floors": {"raw_pixels": args.raw_pixels, "zero_shot": {m: [z[m] for z in zero.values()] for m in METRICS}},
         "zero_shot_seeds": sorted(zero),
